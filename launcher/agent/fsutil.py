@@ -1,0 +1,59 @@
+"""Small file helpers: atomic JSON writes, process liveness without pid-reuse mistakes."""
+import json
+import os
+
+
+def write_json_atomic(path, obj):
+    tmp = "%s.tmp%d" % (path, os.getpid())
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def proc_start_time(pid):
+    """The kernel's start time of pid (clock ticks since boot), or None if it is gone or a zombie."""
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as f:
+            data = f.read().decode("ascii", "replace")
+    except OSError:
+        return None
+    rest = data[data.rfind(")") + 2:].split()
+    if rest[0] in ("Z", "X"):
+        return None
+    return rest[19]
+
+
+def boot_id():
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def alive(pid, start_time=None):
+    """True if pid runs and (when given) is the same process that started at start_time."""
+    if not pid:
+        return False
+    if os.path.exists("/proc/self/stat"):
+        st = proc_start_time(pid)
+        if st is None:
+            return False
+        return start_time is None or str(start_time) == st
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,353 @@
+"""The per-user scheduler daemon: one instance per RTRAIN_HOME, guarded by a lock.
+
+Event-driven: a submit or a finishing job writes a byte to the daemon's FIFO, which wakes
+it at once. While a job waits for GPUs held by someone else, the daemon re-tries the
+leases every 0.2 s (cheap: non-blocking flocks) and asks nvidia-smi again when a lease
+changed hands or 2 s went by.
+"""
+import errno
+import fcntl
+import json
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+from . import db, fsutil, gpus, leases, paths, runner, store
+
+IDLE_EXIT_S = float(os.environ.get("RTRAIN_DAEMON_IDLE_S", "600"))
+
+
+def load_config(home):
+    cfg = fsutil.read_json(home.config) or {}
+    return {
+        "mem_busy_mib": int(cfg.get("mem_busy_mib", 1024)),
+        "visible": cfg.get("visible"),
+        "lock_dir": cfg.get("lock_dir") or None,
+        "nvidia_smi": cfg.get("nvidia_smi") or "nvidia-smi",
+    }
+
+
+def gpu_units(cfg):
+    """(units, error message or None). A failing nvidia-smi yields no free unit (fail closed)."""
+    try:
+        snap = gpus.query(cfg["nvidia_smi"])
+    except gpus.NvidiaSmiError as e:
+        if e.kind == "not_found":
+            return [], None
+        return [], e.message
+    return gpus.classify(snap, mem_busy_mib=cfg["mem_busy_mib"], visible=cfg["visible"]), None
+
+
+# ---------------------------------------------------------------- waking the daemon
+
+def poke(home, spawn_argv=None):
+    """Wake the daemon. If none is running and spawn_argv is given, start one. True if woken."""
+    try:
+        fd = os.open(home.daemon_fifo, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError as e:
+        if e.errno not in (errno.ENXIO, errno.ENOENT):
+            raise
+        if spawn_argv:
+            spawn(home, spawn_argv)
+        return False
+    try:
+        os.write(fd, b"x")
+    except OSError:
+        pass  # a full FIFO already holds a wake-up
+    finally:
+        os.close(fd)
+    return True
+
+
+def running(home):
+    """True if a daemon holds the lock for this home."""
+    try:
+        fd = os.open(home.daemon_lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def daemon_pid(home):
+    try:
+        with open(home.daemon_lock) as f:
+            return int(f.read().strip() or 0) or None
+    except (OSError, ValueError):
+        return None
+
+
+def spawn(home, argv):
+    """Start a daemon detached from us (own session, stdio to its log): it outlives ssh."""
+    log = os.open(home.daemon_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        p = subprocess.Popen(list(argv) + ["daemon"], stdin=subprocess.PIPE, stdout=log, stderr=log,
+                             start_new_session=True, close_fds=True,
+                             env=dict(os.environ, RTRAIN_HOME=home.root))
+        p.stdin.write(json.dumps({"home": home.root}).encode() + b"\n")
+        p.stdin.close()
+    finally:
+        os.close(log)
+
+
+# ---------------------------------------------------------------- state transitions
+
+def finalize_exited(con, home):
+    """Record the exit of every running job whose wrapper wrote exit.json. Safe from any process."""
+    changed = 0
+    for row in con.execute("SELECT id FROM jobs WHERE state='running'").fetchall():
+        ex = runner.read_exit(home, row["id"])
+        if ex is not None:
+            changed += _finish(con, home, row["id"], ex)
+    return changed
+
+
+def _finish(con, home, job_id, ex):
+    with db.Tx(con):
+        row = db.get(con, job_id)
+        if row is None or row["state"] != "running":
+            return 0
+        if ex.get("cancelled"):
+            state = "cancelled"
+        elif ex["exit_code"] == 0:
+            state = "succeeded"
+        else:
+            state = "failed"
+        if state == "failed" and row["attempts"] <= row["retries"]:
+            _requeue(con, home, row, "exit code %s, retrying (attempt %d of %d)" % (
+                ex["exit_code"], row["attempts"] + 1, row["retries"] + 1))
+            return 1
+        con.execute("UPDATE jobs SET state=?, exit_code=?, signal=?, ended_at=? WHERE id=?",
+                    (state, ex["exit_code"], ex.get("signal"), ex.get("ended_at") or time.time(), job_id))
+    return 1
+
+
+def _requeue(con, home, row, why):
+    job_id = row["id"]
+    for p in (home.exit_file(job_id), home.pid_file(job_id)):
+        try:
+            os.unlink(p)
+        except FileNotFoundError:
+            pass
+    _append_log(home, job_id, "rtrain: %s\n" % why)
+    con.execute("UPDATE jobs SET state='queued', gpus='[]', wrapper_pid=NULL, wrapper_start=NULL,"
+                " pgid=NULL, message=? WHERE id=?", (why, job_id))
+
+
+def _append_log(home, job_id, text):
+    try:
+        with open(home.log(job_id), "ab") as f:
+            f.write(text.encode())
+    except OSError:
+        pass
+
+
+def reconcile(con, home):
+    """Daemon-only: exits, plus jobs whose wrapper vanished (killed, or a reboot) -> lost/requeued."""
+    finalize_exited(con, home)
+    for row in con.execute("SELECT * FROM jobs WHERE state='running'").fetchall():
+        pid = row["wrapper_pid"]
+        if pid and fsutil.alive(pid, row["wrapper_start"]) and row["boot_id"] == fsutil.boot_id():
+            continue
+        ex = runner.read_exit(home, row["id"])  # it may have finished just now
+        if ex is not None:
+            _finish(con, home, row["id"], ex)
+            continue
+        _lose(con, home, row)
+
+
+def _lose(con, home, row):
+    # The wrapper is gone. If its process group outlived it (same boot, same start time), end it.
+    pids = runner.read_pids(home, row["id"])
+    if pids.get("pgid") and pids.get("boot_id") == fsutil.boot_id() and \
+            fsutil.alive(pids["pgid"], pids.get("pgid_start")):
+        try:
+            os.killpg(pids["pgid"], signal.SIGKILL)
+        except OSError:
+            pass
+    with db.Tx(con):
+        row = db.get(con, row["id"])
+        if row["state"] != "running":
+            return
+        if row["attempts"] <= row["retries"]:
+            _requeue(con, home, row, "job lost (its process vanished: host rebooted or killed); "
+                     "retrying (attempt %d of %d)" % (row["attempts"] + 1, row["retries"] + 1))
+        else:
+            _append_log(home, row["id"], "rtrain: job lost: its process vanished (host rebooted or killed)\n")
+            con.execute("UPDATE jobs SET state='lost', ended_at=?, message=? WHERE id=?",
+                        (time.time(), "its process vanished (host rebooted or killed)", row["id"]))
+
+
+# ---------------------------------------------------------------- placing jobs
+
+class Daemon:
+    def __init__(self, home, agent_argv):
+        self.home = home
+        self.agent_argv = agent_argv
+        self.con = db.connect(home.db)
+        self.store = store.Store(home.store)
+        self.units = None
+        self.units_at = 0.0
+        self.lease_view = None
+        self.error = None
+        self.taken = set()
+        self.own_fds = []
+
+    def schedule(self, fresh):
+        """Start what can start. Returns True if some job waits for GPUs."""
+        queued = [r for r in db.active(self.con) if r["state"] == "queued"]
+        if not queued:
+            return False
+        cfg = load_config(self.home)
+        lock_dir = leases.ensure_dir(paths.lock_dir(cfg["lock_dir"]))
+        units = None
+        blocked = False
+        for row in queued:
+            n = row["gpus_requested"]
+            if n == 0:
+                self.start(row, [], [])
+                continue
+            if blocked:
+                continue
+            if units is None:
+                units = self._units(cfg, lock_dir, fresh)
+            fds, uuids = [], []
+            for u in units:
+                if len(uuids) == n:
+                    break
+                if u["state"] != "free" or u["uuid"] in self.taken:
+                    continue
+                fd = leases.try_acquire(lock_dir, u["uuid"])
+                if fd is None:
+                    continue
+                fds.append(fd)
+                uuids.append(u["uuid"])
+            if len(uuids) == n:
+                self.taken.update(uuids)
+                self.start(row, uuids, fds)
+            else:
+                for fd in fds:
+                    os.close(fd)
+                blocked = True
+        self.taken.clear()
+        return blocked
+
+    def _units(self, cfg, lock_dir, fresh):
+        """nvidia-smi's view, re-asked when woken, when a lease changed hands, or every 2 s."""
+        now = time.monotonic()
+        if self.units is not None and not fresh and now - self.units_at < 2.0:
+            view = tuple(leases.is_held(lock_dir, u["uuid"]) for u in self.units)
+            if view == self.lease_view:
+                return self.units
+        self.units, self.error = gpu_units(cfg)
+        self.units_at = time.monotonic()
+        self.lease_view = tuple(leases.is_held(lock_dir, u["uuid"]) for u in self.units)
+        return self.units
+
+    def serve(self):
+        """The daemon's loop. Returns when idle for IDLE_EXIT_S, or at once if another daemon runs."""
+        lock = os.open(self.home.daemon_lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return 0
+        self.own_fds.append(lock)
+        os.ftruncate(lock, 0)
+        os.write(lock, str(os.getpid()).encode())
+        try:
+            os.mkfifo(self.home.daemon_fifo, 0o600)
+        except FileExistsError:
+            pass
+        rfd = os.open(self.home.daemon_fifo, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        keep = os.open(self.home.daemon_fifo, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        self.own_fds += [rfd, keep]
+        signal.signal(signal.SIGTERM, lambda s, f: sys.exit(0))
+        idle_since = time.monotonic()
+        fresh = True
+        try:
+            while True:
+                self.reap()
+                reconcile(self.con, self.home)
+                waiting = self.schedule(fresh)
+                rows = db.active(self.con)
+                if rows:
+                    idle_since = time.monotonic()
+                elif time.monotonic() - idle_since > IDLE_EXIT_S:
+                    return 0
+                if waiting:
+                    timeout = 0.2
+                elif any(r["state"] == "running" for r in rows):
+                    timeout = 1.0
+                else:
+                    timeout = 5.0
+                ready, _, _ = select.select([rfd], [], [], timeout)
+                fresh = bool(ready)
+                if ready:
+                    try:
+                        while os.read(rfd, 4096):
+                            pass
+                    except BlockingIOError:
+                        pass
+        finally:
+            os.close(keep)
+            os.close(rfd)
+
+    def start(self, row, uuids, fds):
+        job_id = row["id"]
+        with db.Tx(self.con):
+            cur = db.get(self.con, job_id)
+            if cur["state"] != "queued":
+                for fd in fds:
+                    os.close(fd)
+                return
+            if row["attempts"] > 0:
+                self._fresh_work_dir(job_id)
+                _append_log(self.home, job_id, "rtrain: attempt %d of %d\n" % (
+                    row["attempts"] + 1, row["retries"] + 1))
+            self.con.execute(
+                "UPDATE jobs SET state='running', gpus=?, started_at=?, ended_at=NULL, exit_code=NULL,"
+                " signal=NULL, attempts=attempts+1, boot_id=? WHERE id=?",
+                (json.dumps(uuids), time.time(), fsutil.boot_id(), job_id))
+        spec = {"id": job_id, "command": row["command"], "env": json.loads(row["env"] or "{}"),
+                "grace": row["grace"], "gpus": uuids}
+        home, argv = self.home, self.agent_argv
+        pid = os.fork()
+        if pid == 0:
+            runner.run_wrapper(home, spec, fds, lambda: poke(home, argv), self.own_fds)
+        for fd in fds:
+            os.close(fd)
+        self.con.execute("UPDATE jobs SET wrapper_pid=?, wrapper_start=? WHERE id=?",
+                         (pid, fsutil.proc_start_time(pid), job_id))
+
+    def _fresh_work_dir(self, job_id):
+        manifest = fsutil.read_json(os.path.join(self.home.job_dir(job_id), "manifest.json"))
+        work = self.home.work(job_id)
+        if manifest is None:
+            return
+        tmp = work + ".retry"
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.store.materialize(manifest["entries"], tmp)
+        old = work + ".old"
+        os.rename(work, old)
+        os.rename(tmp, work)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def reap(self):
+        while True:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+
+

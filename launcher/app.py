@@ -1,0 +1,291 @@
+"""One function per verb. They return data (or yield events) and never print."""
+import os
+import shlex
+import time
+import uuid
+
+from . import hosts as hostsmod
+from .errors import AgentReplyError, HostError, RtrainError
+
+HIDE_FINISHED_AFTER_S = 24 * 3600
+
+
+class Session:
+    """The configuration plus one open client per host, closed together."""
+
+    def __init__(self, cfg, accept_new_host_key=False):
+        self.cfg = cfg
+        self.accept_new = accept_new_host_key
+        self._clients = {}
+
+    def client(self, name):
+        if name not in self._clients:
+            self._clients[name] = hostsmod.open_client(self.cfg.get(name), self.accept_new)
+        return self._clients[name]
+
+    def close(self):
+        for c in self._clients.values():
+            try:
+                c.transport.close()
+            except Exception:  # noqa: BLE001 - closing is best effort
+                pass
+        self._clients.clear()
+
+    def reset(self, name):
+        """Drop a host's connection (after it broke); the next call opens a new one."""
+        c = self._clients.pop(name, None)
+        if c is not None:
+            try:
+                c.transport.close()
+            except Exception:  # noqa: BLE001
+                pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def job_id(self, host, n):
+        return hostsmod.format_id(self.cfg, host, n)
+
+    def find(self, ref):
+        """(host, numeric id, job dict) for a job reference, asking every host if needed."""
+        host, n = hostsmod.parse_ref(self.cfg, ref)
+        if host is not None:
+            try:
+                jobs = self.client(host).call("status", {"ids": [n]})["jobs"]
+            except AgentReplyError as e:
+                if e.code == "no_such_job":
+                    raise hostsmod.not_found(ref)
+                raise
+            return host, n, _decorate(self, host, jobs[0])
+        found, errors = [], []
+        for name, res, err in hostsmod.parallel(
+                lambda h: self.client(h).call("status", {"ids": [n]}), list(self.cfg.hosts)):
+            if err is None:
+                found.append((name, res["jobs"][0]))
+            elif not (isinstance(err, AgentReplyError) and err.code == "no_such_job"):
+                errors.append(err)
+        if len(found) == 1:
+            return found[0][0], n, _decorate(self, found[0][0], found[0][1])
+        if len(found) > 1:
+            raise RtrainError("job %s exists on several hosts: %s" % (
+                ref, ", ".join(h for h, _ in found)),
+                "name it as HOST:%d, e.g. %s:%d" % (n, found[0][0], n))
+        if errors:
+            raise errors[0]
+        raise hostsmod.not_found(ref)
+
+
+def _decorate(session, host, job):
+    job = dict(job)
+    job["host"] = host
+    job["num"] = job["id"]
+    job["id"] = session.job_id(host, job["num"])
+    return job
+
+
+def command_string(argv):
+    """The job's one shell string: a single argument is taken as written (it may use pipes,
+    &&, globs); several are quoted so each stays one argument."""
+    if not argv:
+        raise RtrainError("no command to run", "put it after `--`: rtrain submit -- python train.py")
+    if len(argv) == 1:
+        return argv[0]
+    return " ".join(shlex.quote(a) for a in argv)
+
+
+# ------------------------------------------------------------------ submit
+
+def submit(session, argv, host=None, gpus=0, name=None, priority=0, retries=0, env=None,
+           root=".", confirm_large=None, progress=None, events=None):
+    """Sync `root`, queue the command, return the job (decorated with host and id).
+    confirm_large(manifest_info) -> bool is asked when the tree is larger than the host allows.
+    progress(sent, total) reports upload bytes. events(kind, detail) reports steps."""
+    from . import sync
+    command = command_string(argv)
+    events = events or (lambda *a: None)
+    if host is None:
+        host = hostsmod.default_host(session.cfg)
+        if host is None:
+            host = place(session, gpus, events)
+    h = session.cfg.get(host)
+    root = os.path.abspath(root)
+    manifest = sync.build_manifest(root)
+    for w in manifest.get("warnings", []):
+        events("warning", w)
+    limit = int(getattr(h, "max_tree_mb", 100)) * 1024 * 1024
+    if manifest["total_size"] > limit:
+        info = {"total_size": manifest["total_size"], "limit": limit,
+                "largest": sync.largest_files(manifest, 10), "files": len(manifest["entries"])}
+        if confirm_large is None or not confirm_large(info):
+            raise RtrainError("the tree to sync is %.0f MB, over the %d MB limit for %s" % (
+                manifest["total_size"] / 1e6, limit // (1024 * 1024), host),
+                "add large files to .gitignore or .rtrainignore, or pass --yes to send it anyway")
+    client = session.client(host)
+    req = {"manifest": {"entries": manifest["entries"], "git": manifest.get("git")},
+           "command": command, "gpus": int(gpus), "name": name, "priority": int(priority),
+           "retries": int(retries), "env": dict(env or {}), "token": uuid.uuid4().hex,
+           "sched": client.sched()}
+    for attempt in range(3):
+        try:
+            res = client.call("submit", req)
+            break
+        except AgentReplyError as e:
+            if e.code != "missing_blobs" or attempt == 2:
+                raise
+            _upload(client, root, manifest, e.data or [], progress, events)
+    job = _decorate(session, host, res["job"])
+    job["uploaded"] = manifest.get("_uploaded", 0)
+    return job
+
+
+def _upload(client, root, manifest, hashes, progress, events):
+    from . import sync
+    sizes = {}
+    for e in manifest["entries"]:
+        if e.get("type") == "file":
+            sizes[e["hash"]] = e["size"]
+    total = sum(sizes.get(x, 0) for x in hashes)
+    events("upload", {"files": len(hashes), "bytes": total})
+    sent = [0]
+
+    def frames():
+        for chunk in sync.iter_blob_frames(root, manifest, hashes):
+            sent[0] += len(chunk)
+            if progress:
+                progress(sent[0], total)
+            yield chunk
+
+    client.call("put", {}, payload=frames())
+    manifest["_uploaded"] = manifest.get("_uploaded", 0) + total
+
+
+def place(session, gpus, events):
+    """Ask every host in parallel; pick where the job can start soonest."""
+    names = [n for n in session.cfg.hosts if n != "local"] or ["local"]
+
+    def probe(name):
+        c = session.client(name)
+        g = c.call("gpus", {"sched": c.sched()})
+        st = c.call("status", {"states": ["queued", "running"]})
+        return g, st
+
+    best = None
+    for name, res, err in hostsmod.parallel(probe, names):
+        if err is not None:
+            events("skip", "%s: %s" % (name, err.message))
+            continue
+        g, st = res
+        units = g["gpus"]
+        if len(units) < gpus:
+            events("skip", "%s has %d GPU(s), the job needs %d" % (name, len(units), gpus))
+            continue
+        free = sum(1 for u in units if u["state"] == "free")
+        queued = sum(1 for j in st["jobs"] if j["state"] == "queued")
+        score = (0 if free >= gpus and queued == 0 else 1, queued, -free)
+        if best is None or score < best[0]:
+            best = (score, name)
+    if best is None:
+        raise RtrainError("no host can take this job", "check them with `rtrain hosts`")
+    events("placed", best[1])
+    return best[1]
+
+
+# ------------------------------------------------------------------ status
+
+def status(session, host=None, states=None, show_all=False, limit=None):
+    """(jobs newest first, [(host, error)]) across hosts, asked in parallel."""
+    names = [host] if host else list(session.cfg.hosts)
+    if host:
+        session.cfg.get(host)
+    req = {}
+    if states:
+        req["states"] = list(states)
+    if not show_all and not states:
+        req["since"] = time.time() - HIDE_FINISHED_AFTER_S
+    if limit:
+        req["limit"] = int(limit)
+    jobs, failures = [], []
+    for name, res, err in hostsmod.parallel(lambda h: session.client(h).call("status", req), names):
+        if err is not None:
+            failures.append((name, err))
+            continue
+        jobs.extend(_decorate(session, name, j) for j in res["jobs"])
+    jobs.sort(key=lambda j: j["submitted_at"], reverse=True)
+    return jobs, failures
+
+
+def job(session, ref):
+    return session.find(ref)[2]
+
+
+def cancel(session, ref):
+    host, n, _ = session.find(ref)
+    res = session.client(host).call("cancel", {"id": n})
+    out = _decorate(session, host, res["job"])
+    out["was"] = res["was"]
+    return out
+
+
+def gpus(session, host=None):
+    """[(host, result or None, error or None)] for every host, asked in parallel."""
+    names = [host] if host else list(session.cfg.hosts)
+    if host:
+        session.cfg.get(host)
+
+    def ask(name):
+        c = session.client(name)
+        return c.call("gpus", {"sched": c.sched()})
+
+    return hostsmod.parallel(ask, names)
+
+
+# ------------------------------------------------------------------ logs
+
+def logs(session, ref, follow=False, tail=None, retry_for=None, sleep=time.sleep):
+    """Yield ("data", bytes), ("reconnecting", attempt, error, delay), ("end", job) events.
+    Resumes from the byte offset reached when the connection drops."""
+    host, n, _ = session.find(ref)
+    offset = None
+    attempt = 0
+    started = time.monotonic()
+    while True:
+        req = {"id": n, "follow": bool(follow)}
+        if offset is None:
+            if tail is not None:
+                req["tail_lines"] = int(tail)
+        else:
+            req["offset"] = offset
+        try:
+            for frame in session.client(host).stream("logs", req):
+                if "final" in frame:
+                    fin = frame["final"]
+                    yield ("end", {"id": session.job_id(host, n), "host": host, **fin})
+                    return
+                if "d" in frame:
+                    import base64
+                    data = base64.b64decode(frame["d"])
+                    if offset is None or frame["o"] == offset:
+                        offset = frame["o"] + len(data)
+                        attempt = 0
+                        yield ("data", data)
+                    elif frame["o"] < offset < frame["o"] + len(data):
+                        data = data[offset - frame["o"]:]
+                        offset += len(data)
+                        yield ("data", data)
+                elif "hb" in frame:
+                    if offset is None:
+                        offset = frame["hb"]
+                    attempt = 0
+        except HostError as e:
+            if not follow:
+                raise
+            attempt += 1
+            if retry_for is not None and time.monotonic() - started > retry_for:
+                raise
+            delay = min(10.0, 0.5 * (2 ** (attempt - 1)))
+            yield ("reconnecting", attempt, e, delay)
+            session.reset(host)
+            sleep(delay)

@@ -1,0 +1,118 @@
+"""The `rtrain` command: parses arguments, calls app, prints. The only module that prints or exits."""
+import argparse
+import json
+import os
+import sys
+
+from . import __version__
+from .errors import EXIT_ERROR, EXIT_INTERRUPTED, RtrainError
+
+EPILOG = """examples:
+  rtrain submit --gpus 2 -- python train.py --lr 3e-4
+  rtrain status
+  rtrain logs 12 -f
+  rtrain cancel 12
+  rtrain gpus
+
+Hosts come from --hosts FILE, $RTRAIN_HOSTS, ./hosts.yaml or ~/.config/rtrain/hosts.yaml;
+with none, jobs run on this machine (host `local`). See hosts.example.yaml."""
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        prog="rtrain", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="Queue training jobs on a GPU tower, a cloud VM or this machine; "
+                    "each job runs on its own snapshot of your code, on free GPUs.")
+    p.add_argument("--version", action="version", version="rtrain %s" % __version__)
+    p.add_argument("--hosts", metavar="FILE", help="hosts file to use (default: search, see below)")
+    p.add_argument("--accept-new-host-key", action="store_true",
+                   help="trust an unknown SSH host key and add it to known_hosts "
+                        "(like StrictHostKeyChecking=accept-new; a changed key is still refused)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="verb", metavar="COMMAND")
+
+    s = sub.add_parser("submit", help="sync this directory and queue a command",
+                       description="Snapshot the current directory (the files git would take), send "
+                                   "what the host lacks, and queue CMD there.")
+    s.add_argument("--host", help="host from hosts.yaml (default: the default host, else the one "
+                                  "where the job starts soonest)")
+    s.add_argument("--gpus", type=int, default=0, metavar="N", help="GPUs the job needs (default 0)")
+    s.add_argument("--name", help="a name for the job (default: the script's name)")
+    s.add_argument("--priority", type=int, default=0, help="higher runs first (default 0)")
+    s.add_argument("--retries", type=int, default=0, metavar="N",
+                   help="requeue a failed or lost job up to N times")
+    s.add_argument("--env", action="append", default=[], metavar="K=V", help="set a variable for the job")
+    s.add_argument("-C", "--dir", default=".", help="directory to sync (default: .)")
+    s.add_argument("-f", "--follow", action="store_true",
+                   help="stream the log, exit with the job's exit code")
+    s.add_argument("-q", "--quiet", action="store_true", help="print the job id alone")
+    s.add_argument("-y", "--yes", action="store_true", help="send a large tree without asking")
+    s.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]",
+                   help="the command; a single argument is run by the shell as written")
+
+    st = sub.add_parser("status", help="list jobs, or show one job")
+    st.add_argument("job", nargs="?", help="a job id (12 or host:12)")
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+    st.add_argument("--host", help="only this host")
+    st.add_argument("--state", action="append", choices=["queued", "running", "succeeded", "failed",
+                                                          "cancelled", "lost"], help="only these states")
+    st.add_argument("-a", "--all", action="store_true", help="include jobs that ended over a day ago")
+    st.add_argument("-w", "--watch", action="store_true", help="refresh every 2 s")
+
+    lg = sub.add_parser("logs", help="print or follow a job's log")
+    lg.add_argument("job")
+    lg.add_argument("-f", "--follow", action="store_true",
+                    help="stream until the job ends; exit with its exit code; Ctrl-C detaches")
+    lg.add_argument("-n", "--tail", type=int, metavar="N", help="start N lines from the end")
+
+    c = sub.add_parser("cancel", help="cancel a queued or running job")
+    c.add_argument("jobs", nargs="+", metavar="JOB")
+
+    g = sub.add_parser("gpus", help="GPUs of every host: free, busy or unknown, and who holds them")
+    g.add_argument("--host")
+    g.add_argument("--json", action="store_true")
+    return p
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.verb:
+        parser.print_help()
+        return 2
+    try:
+        return int(_dispatch(args) or 0)
+    except KeyboardInterrupt:
+        sys.stderr.write("\n")
+        return EXIT_INTERRUPTED
+    except RtrainError as e:
+        if args.debug:
+            import traceback
+            traceback.print_exc()
+        _error(e.message, e.hint)
+        return e.exit_code
+    except BrokenPipeError:
+        return EXIT_ERROR
+    except Exception as e:  # noqa: BLE001 - one line unless --debug
+        if args.debug:
+            raise
+        _error("unexpected error: %s: %s" % (type(e).__name__, e), "run again with --debug and report it")
+        return EXIT_ERROR
+
+
+def _error(message, hint=""):
+    sys.stderr.write("rtrain: error: %s\n" % message)
+    if hint:
+        sys.stderr.write("  hint: %s\n" % hint)
+
+
+def _session(args):
+    from . import app, config
+    cfg = config.load(args.hosts)
+    return app.Session(cfg, accept_new_host_key=args.accept_new_host_key)
+
+
+def _dispatch(args):
+    from . import commands
+    return getattr(commands, "cmd_" + args.verb)(args, _session)

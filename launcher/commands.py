@@ -1,0 +1,149 @@
+"""The CLI's verb handlers: call app, hand results to render, choose the exit code.
+Part of the CLI layer (with cli.py and render.py): the only modules that print."""
+import json
+import os
+import sys
+import time
+
+from .errors import RtrainError
+
+EXIT_INTERRUPTED = 130
+
+
+def _parse_env(pairs):
+    env = {}
+    for p in pairs:
+        if "=" not in p:
+            raise RtrainError("--env %r is not K=V" % p, "write it as --env NAME=value")
+        k, v = p.split("=", 1)
+        env[k] = v
+    return env
+
+
+def cmd_submit(args, session_factory):
+    from . import app, render
+    cmd = list(args.command)
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    if not cmd:
+        raise RtrainError("no command to run", "put it after `--`: rtrain submit -- python train.py")
+    err = render.Stderr(quiet=args.quiet)
+    with session_factory(args) as s:
+        job = app.submit(
+            s, cmd, host=args.host, gpus=args.gpus, name=args.name, priority=args.priority,
+            retries=args.retries, env=_parse_env(args.env), root=args.dir,
+            confirm_large=lambda info: args.yes or render.confirm_large(info),
+            progress=err.progress, events=err.event)
+        err.done()
+        if args.quiet:
+            sys.stdout.write(job["id"] + "\n")
+        else:
+            render.submitted(job)
+        sys.stdout.flush()
+        if args.follow:
+            return _follow(s, job["id"], None, quiet=args.quiet)
+    return 0
+
+
+def cmd_status(args, session_factory):
+    from . import app, render
+    with session_factory(args) as s:
+        if args.job:
+            job = app.job(s, args.job)
+            if args.json:
+                print(json.dumps(render.job_json(job), indent=2))
+            else:
+                render.job_detail(job)
+            return 0
+        while True:
+            jobs, failures = app.status(s, host=args.host, states=args.state, show_all=args.all)
+            if args.json:
+                print(json.dumps([render.job_json(j) for j in jobs], indent=2))
+                break
+            if args.watch:
+                render.clear()
+            render.job_table(jobs, failures)
+            if not args.watch:
+                break
+            time.sleep(2)
+    return 0
+
+
+def cmd_logs(args, session_factory):
+    with session_factory(args) as s:
+        return _follow(s, args.job, args.tail, follow=args.follow)
+
+
+def _follow(session, ref, tail, follow=True, quiet=False):
+    from . import app
+    out = sys.stdout.buffer
+    reconnecting = False
+    try:
+        for ev in app.logs(session, ref, follow=follow, tail=tail):
+            if ev[0] == "data":
+                if reconnecting:
+                    sys.stderr.write("rtrain: reconnected\n")
+                    reconnecting = False
+                out.write(ev[1])
+                out.flush()
+            elif ev[0] == "reconnecting":
+                _, attempt, e, delay = ev
+                reconnecting = True
+                sys.stderr.write("rtrain: connection lost (%s); reconnecting in %.1fs (attempt %d)\n" % (
+                    e.message, delay, attempt))
+            elif ev[0] == "end":
+                fin = ev[1]
+                if not follow:
+                    return 0
+                if not quiet and fin["state"] != "succeeded":
+                    sys.stderr.write("rtrain: job %s %s%s\n" % (
+                        fin["id"], fin["state"],
+                        "" if fin.get("exit_code") is None else " (exit code %s)" % fin["exit_code"]))
+                if fin["state"] == "succeeded":
+                    return 0
+                code = fin.get("exit_code")
+                return code if isinstance(code, int) and 0 < code < 256 else 1
+    except KeyboardInterrupt:
+        sys.stderr.write("\nrtrain: detached; the job goes on (rtrain logs %s -f to resume)\n" % ref)
+        return EXIT_INTERRUPTED
+    return 0
+
+
+def cmd_cancel(args, session_factory):
+    from . import app
+    code = 0
+    with session_factory(args) as s:
+        for ref in args.jobs:
+            try:
+                job = app.cancel(s, ref)
+            except RtrainError as e:
+                sys.stderr.write("rtrain: error: %s\n" % e.message)
+                code = 1
+                continue
+            if job["was"] in ("queued", "running"):
+                print("cancelled job %s (%s, was %s)" % (job["id"], job["state"], job["was"]))
+            else:
+                print("job %s had already ended (%s)" % (job["id"], job["state"]))
+    return code
+
+
+def cmd_gpus(args, session_factory):
+    from . import app, render
+    with session_factory(args) as s:
+        results = app.gpus(s, host=args.host)
+    if args.json:
+        out = []
+        for host, res, err in results:
+            if err is not None:
+                out.append({"host": host, "error": err.message})
+                continue
+            for u in res["gpus"]:
+                d = dict(u)
+                d["host"] = host
+                out.append(d)
+            if res.get("error"):
+                out.append({"host": host, "error": res["error"]["message"]})
+        print(json.dumps(out, indent=2))
+        return 0
+    render.gpu_table(results)
+    return 0 if all(err is None for _, _, err in results) else 1

@@ -1,0 +1,46 @@
+"""One base error with a hint, and the exit codes the CLI uses."""
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class RtrainError(Exception):
+    """An error the user can act on: one line of message, one line of hint."""
+
+    exit_code = EXIT_ERROR
+
+    def __init__(self, message, hint=""):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self):
+        return self.message
+
+
+class ConfigError(RtrainError):
+    """hosts.yaml is missing, malformed or names something unknown."""
+
+
+class HostError(RtrainError):
+    """A host cannot be reached, refuses us, or lacks what the agent needs."""
+
+    def __init__(self, host, message, hint=""):
+        super().__init__("%s: %s" % (host, message), hint)
+        self.host = host
+
+
+class JobNotFound(RtrainError):
+    pass
+
+
+class AgentReplyError(RtrainError):
+    """The agent answered with an error reply (see agent/protocol.py)."""
+
+    def __init__(self, host, code, message, hint="", data=None):
+        super().__init__("%s: %s" % (host, message) if host else message, hint)
+        self.host = host
+        self.code = code
+        self.data = data

@@ -1,0 +1,178 @@
+"""How things look: rich tables, progress, one-line messages. Imported only by the CLI."""
+import datetime
+import sys
+import time
+
+JOB_JSON_KEYS = ("id", "host", "name", "state", "gpus", "exit_code", "signal", "submitted_at",
+                 "started_at", "ended_at", "command", "priority", "retries", "attempts",
+                 "git_commit", "git_dirty", "log", "work_dir", "message", "gpus_requested")
+
+STATE_STYLE = {"queued": "yellow", "running": "cyan", "succeeded": "green", "failed": "red",
+               "cancelled": "magenta", "lost": "red"}
+
+
+def _console(stderr=False):
+    from rich.console import Console
+    return Console(stderr=stderr, highlight=False)
+
+
+def job_json(job):
+    return {k: job.get(k) for k in JOB_JSON_KEYS}
+
+
+def when(ts):
+    if not ts:
+        return "-"
+    t = datetime.datetime.fromtimestamp(ts)
+    if t.date() == datetime.date.today():
+        return t.strftime("%H:%M:%S")
+    return t.strftime("%b %d %H:%M")
+
+
+def duration(job, now=None):
+    start = job.get("started_at")
+    if not start:
+        return "-"
+    end = job.get("ended_at") or (now or time.time())
+    s = int(max(0, end - start))
+    if s < 60:
+        return "%ds" % s
+    if s < 3600:
+        return "%dm%02ds" % (s // 60, s % 60)
+    return "%dh%02dm" % (s // 3600, s % 3600 // 60)
+
+
+def short_gpu(uuid):
+    return uuid[:12] if uuid else ""
+
+
+def submitted(job):
+    where = job["host"]
+    print("job %s queued on %s: %s%s" % (
+        job["id"], where, job["command"],
+        "" if not job.get("gpus_requested") else " (%d GPU%s)" % (
+            job["gpus_requested"], "" if job["gpus_requested"] == 1 else "s")))
+
+
+def job_table(jobs, failures=()):
+    from rich.table import Table
+    con = _console()
+    t = Table(box=None, pad_edge=False, header_style="bold")
+    for col in ("ID", "NAME", "HOST", "STATE", "GPUS", "SUBMITTED", "STARTED", "TIME", "EXIT"):
+        t.add_column(col)
+    now = time.time()
+    for j in jobs:
+        style = STATE_STYLE.get(j["state"], "")
+        gp = ",".join(short_gpu(g) for g in j["gpus"]) if j["gpus"] else (
+            str(j.get("gpus_requested") or 0) if j["state"] == "queued" and j.get("gpus_requested") else "-")
+        exit_text = "-" if j["exit_code"] is None else str(j["exit_code"])
+        if j.get("signal"):
+            exit_text += " (%s)" % j["signal"]
+        t.add_row(str(j["id"]), j["name"], j["host"], "[%s]%s[/]" % (style, j["state"]) if style else j["state"],
+                  gp, when(j["submitted_at"]), when(j["started_at"]), duration(j, now), exit_text)
+    if jobs:
+        con.print(t)
+    else:
+        con.print("no jobs" + ("" if failures else " (rtrain status --all shows older ones)"))
+    for host, err in failures:
+        con.print("[red]%s: unreachable[/]: %s" % (host, err.message))
+
+
+def job_detail(job):
+    con = _console()
+    rows = [
+        ("job", "%s on %s" % (job["id"], job["host"])), ("name", job["name"]),
+        ("state", job["state"] + (" - %s" % job["message"] if job.get("message") else "")),
+        ("command", job["command"]),
+        ("gpus", ", ".join(job["gpus"]) or ("%d requested" % job.get("gpus_requested", 0))),
+        ("git", "%s%s" % (job.get("git_commit") or "-", " (dirty)" if job.get("git_dirty") else "")),
+        ("submitted", _full(job["submitted_at"])), ("started", _full(job["started_at"])),
+        ("ended", _full(job["ended_at"])), ("duration", duration(job)),
+        ("exit code", "-" if job["exit_code"] is None else "%s%s" % (
+            job["exit_code"], " (%s)" % job["signal"] if job.get("signal") else "")),
+        ("attempts", "%s of %s" % (job.get("attempts", 0), job.get("retries", 0) + 1)),
+        ("log", job.get("log") or "-"), ("work dir", job.get("work_dir") or "-"),
+    ]
+    w = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        con.print("[bold]%s[/]  %s" % (k.ljust(w), v), soft_wrap=True, markup=True)
+
+
+def _full(ts):
+    return datetime.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
+
+
+def gpu_table(results):
+    from rich.table import Table
+    con = _console()
+    t = Table(box=None, pad_edge=False, header_style="bold")
+    for col in ("HOST", "GPU", "NAME", "MEMORY", "UTIL", "STATE", "HELD BY", "UUID"):
+        t.add_column(col)
+    for host, res, err in results:
+        if err is not None:
+            t.add_row(host, "-", "[red]unreachable[/]", "", "", "[red]unknown[/]", err.message, "")
+            continue
+        if res.get("error"):
+            t.add_row(host, "-", "[red]nvidia-smi failed[/]", "", "", "[red]unknown[/]",
+                      res["error"]["message"], "")
+        elif not res["gpus"]:
+            t.add_row(host, "-", "no GPUs" + ("" if res.get("nvidia_smi_found", True) else
+                                              " (nvidia-smi not found)"), "", "", "", "", "")
+        for u in res["gpus"]:
+            mem = "-" if u.get("memory_total") is None else "%s/%s MiB" % (
+                "?" if u.get("memory_used") is None else u["memory_used"], u["memory_total"])
+            util = "-" if u.get("utilization") is None else "%s%%" % u["utilization"]
+            state = {"free": "[green]free[/]", "busy": "[yellow]busy[/]"}.get(u["state"], "[red]unknown[/]")
+            held = u.get("holder") or (u.get("reason") or "")
+            t.add_row(host, str(u["index"]), u["name"], mem, util, state, held, u["uuid"])
+    con.print(t)
+
+
+def clear():
+    sys.stdout.write("\x1b[H\x1b[2J")
+
+
+def confirm_large(info):
+    if not sys.stdin.isatty():
+        return False
+    sys.stderr.write("The tree to sync holds %d files, %.1f MB (limit %.0f MB). Largest:\n" % (
+        info["files"], info["total_size"] / 1e6, info["limit"] / 1e6))
+    for path, size in info["largest"]:
+        sys.stderr.write("  %10.1f MB  %s\n" % (size / 1e6, path))
+    sys.stderr.write("Send it anyway? [y/N] ")
+    sys.stderr.flush()
+    return sys.stdin.readline().strip().lower() in ("y", "yes")
+
+
+class Stderr:
+    """Progress and notes on stderr during submit; a bar only for uploads over a second."""
+
+    def __init__(self, quiet=False):
+        self.quiet = quiet
+        self.t0 = None
+        self.bar = None
+
+    def event(self, kind, detail):
+        if kind == "warning" or kind == "skip":
+            sys.stderr.write("rtrain: %s\n" % detail)
+        elif kind == "placed" and not self.quiet:
+            sys.stderr.write("rtrain: placing the job on %s\n" % detail)
+        elif kind == "upload":
+            self.t0 = time.monotonic()
+
+    def progress(self, sent, total):
+        if self.quiet or not sys.stderr.isatty() or self.t0 is None:
+            return
+        if self.bar is None and time.monotonic() - self.t0 > 1.0:
+            from rich.progress import Progress, BarColumn, DownloadColumn, TransferSpeedColumn
+            self.bar = Progress("uploading", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                                console=_console(stderr=True), transient=True)
+            self.bar.start()
+            self.task = self.bar.add_task("up", total=total)
+        if self.bar is not None:
+            self.bar.update(self.task, completed=sent)
+
+    def done(self):
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None

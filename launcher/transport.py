@@ -1,0 +1,127 @@
+"""How the client reaches an agent: the Transport protocol and the local transport.
+
+A transport knows one host. It starts the agent as a process (`python3 AGENT VERB`)
+and hands back an AgentProcess: bytes in on stdin, JSON lines out on stdout.
+The framing and error mapping live in agentclient.py, shared by every transport;
+the SSH transport (ssh.py) only implements the same few methods over paramiko.
+"""
+import os
+import subprocess
+import sys
+
+
+class AgentProcess:
+    """A running agent call. Subclasses wrap a subprocess or an SSH channel."""
+
+    def write(self, data):
+        raise NotImplementedError
+
+    def close_stdin(self):
+        raise NotImplementedError
+
+    def readline(self):
+        """One line of stdout as bytes (b'' at EOF)."""
+        raise NotImplementedError
+
+    def wait(self):
+        """Exit status; after it, stderr() holds what the process wrote there."""
+        raise NotImplementedError
+
+    def stderr(self):
+        raise NotImplementedError
+
+    def kill(self):
+        raise NotImplementedError
+
+
+class Transport:
+    """One host. `name` is the host's name in hosts.yaml ('local' for this machine)."""
+
+    name = "?"
+    kind = "?"
+
+    def agent_home(self):
+        """RTRAIN_HOME on the host as the agent should see it (may start with ~)."""
+        raise NotImplementedError
+
+    def ensure_agent(self, blob, digest):
+        """Make sure the agent zipapp `blob` (sha256 `digest`) is on the host; return its path."""
+        raise NotImplementedError
+
+    def start(self, argv, env=None):
+        """Start argv on the host (no shell), return an AgentProcess."""
+        raise NotImplementedError
+
+    def close(self):
+        pass
+
+
+class _Popen(AgentProcess):
+    def __init__(self, proc):
+        self._p = proc
+        self._err = b""
+
+    def write(self, data):
+        self._p.stdin.write(data)
+
+    def close_stdin(self):
+        try:
+            self._p.stdin.close()
+        except OSError:
+            pass
+
+    def readline(self):
+        return self._p.stdout.readline()
+
+    def wait(self):
+        self.close_stdin()
+        self._err = self._p.stderr.read() or b""
+        return self._p.wait()
+
+    def stderr(self):
+        return self._err.decode("utf-8", "replace")
+
+    def kill(self):
+        try:
+            self._p.kill()
+        except OSError:
+            pass
+
+
+def local_home():
+    return os.path.expanduser(os.environ.get("RTRAIN_HOME") or "~/.rtrain")
+
+
+class LocalTransport(Transport):
+    """This machine: the eGPU / workstation case, and the default with no hosts.yaml."""
+
+    kind = "local"
+
+    def __init__(self, name="local", python=None, home=None):
+        self.name = name
+        self.python = python or sys.executable
+        self.home = os.path.expanduser(home) if home else local_home()
+
+    def agent_home(self):
+        return self.home
+
+    def ensure_agent(self, blob, digest):
+        d = os.path.join(self.home, "agent")
+        path = os.path.join(d, "agent-%s.pyz" % digest[:16])
+        if not os.path.exists(path):
+            os.makedirs(d, mode=0o700, exist_ok=True)
+            os.chmod(self.home, 0o700)
+            tmp = "%s.tmp%d" % (path, os.getpid())
+            with open(tmp, "wb") as f:
+                f.write(blob)
+            os.replace(tmp, path)
+        return path
+
+    def start(self, argv, env=None):
+        full_env = dict(os.environ)
+        full_env.update(env or {})
+        p = subprocess.Popen(
+            list(argv),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env=full_env, bufsize=0)
+        return _Popen(p)

@@ -1,0 +1,166 @@
+"""End to end on the built-in `local` host, through the real `rtrain` CLI and a real daemon."""
+import json
+import os
+import signal
+import time
+
+import pytest
+
+
+def test_submit_status_logs_and_exit_code(world):
+    (world.cwd / "train.py").write_text("import os\nprint('hello', os.environ['RTRAIN_JOB_ID'])\n")
+    job = world.submit("python3", "train.py")
+    assert job.isdigit(), job
+    j = world.wait(job)
+    assert j["state"] == "succeeded" and j["exit_code"] == 0 and j["host"] == "local"
+    for key in ("id", "host", "name", "state", "gpus", "exit_code", "submitted_at", "started_at", "ended_at"):
+        assert key in j
+    assert j["name"] == "train.py" and j["gpus"] == []
+    assert j["submitted_at"] <= j["started_at"] <= j["ended_at"]
+    assert world.run("logs", job).stdout == "hello %s\n" % job
+    listed = json.loads(world.run("status", "--json").stdout)
+    assert [x["id"] for x in listed] == [job]
+    table = world.run("status").stdout
+    assert "train.py" in table and "succeeded" in table
+
+
+def test_follow_exits_with_the_job_exit_code(world):
+    p = world.run("submit", "--follow", "--", "sh", "-c", "echo out; echo err >&2; exit 3", check=False)
+    assert p.returncode == 3
+    assert "out\nerr\n" in p.stdout
+
+
+def test_command_not_found_fails_with_127_and_says_why(world):
+    job = world.submit("no-such-command-xyz", "--flag")
+    j = world.wait(job)
+    assert j["state"] == "failed" and j["exit_code"] == 127
+    assert "no-such-command-xyz" in world.run("logs", job).stdout
+    assert "not found" in world.run("logs", job).stdout
+
+
+def test_killed_by_signal_is_recorded(world):
+    job = world.submit("sh", "-c", "kill -KILL $$")
+    j = world.wait(job)
+    assert j["state"] == "failed" and j["exit_code"] == 137 and j["signal"] == "SIGKILL"
+
+
+def test_job_environment_and_gpu_assignment(world):
+    job = world.submit("sh", "-c", "env | grep -E '^(CUDA|PYTHONUNBUFFERED|RTRAIN_JOB_ID)' | sort", gpus=2)
+    j = world.wait(job)
+    assert j["state"] == "succeeded", world.run("logs", job).stdout
+    env = dict(line.split("=", 1) for line in world.run("logs", job).stdout.split())
+    assert env["CUDA_VISIBLE_DEVICES"].split(",") == j["gpus"]
+    assert all(g.startswith("GPU-") for g in j["gpus"]) and len(set(j["gpus"])) == 2
+    assert env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+    assert env["PYTHONUNBUFFERED"] == "1" and env["RTRAIN_JOB_ID"] == job
+
+
+def test_more_gpus_than_the_host_has_is_refused(world):
+    p = world.run("submit", "--gpus", "5", "--", "true", check=False)
+    assert p.returncode != 0
+    assert "5 GPUs" in p.stderr and "has 4" in p.stderr and "Traceback" not in p.stderr
+    assert world.status() == []
+
+
+def test_no_nvidia_smi_means_zero_gpus(world):
+    (world.bin_dir / "nvidia-smi").unlink()
+    path = "%s:/usr/local/bin:/usr/bin:/bin" % world.bin_dir
+    env = world.env(PATH=path)
+    p = world.run("submit", "--gpus", "1", "--", "true", check=False, env=env)
+    assert p.returncode != 0 and "nvidia-smi was not found" in p.stderr
+    p = world.run("submit", "-q", "--gpus", "0", "--", "echo", "cpu", env=env)
+    job = p.stdout.strip()
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        j = json.loads(world.run("status", "--json", job, env=env).stdout)
+        if j["state"] == "succeeded":
+            break
+        time.sleep(0.1)
+    assert j["state"] == "succeeded"
+
+
+def test_foreign_process_on_gpu0_is_avoided(world_factory):
+    import fakesmi
+    w = world_factory()
+    state = json.loads(w.state_path.read_text())
+    gpu0 = state["gpus"][0]["uuid"]
+    fakesmi.write_state(w.state_path, gpus=4, apps=[{"gpu_uuid": gpu0, "pid": 4242,
+                                                      "process_name": "python other_user.py",
+                                                      "used_memory": 20000}])
+    jobs = [w.submit("sleep", "0.3", gpus=1) for _ in range(6)]
+    used = set()
+    for job in jobs:
+        j = w.wait(job)
+        assert j["state"] == "succeeded"
+        used.update(j["gpus"])
+    assert gpu0 not in used and len(used) >= 1
+
+
+def test_cancel_running_job_ends_its_whole_process_group(world):
+    (world.cwd / "spawn.sh").write_text("sleep 300 &\necho $! > child.pid\nsleep 300\n")
+    job = world.submit("sh", "spawn.sh")
+    deadline = time.time() + 10
+    while world.status(job)["state"] != "running" and time.time() < deadline:
+        time.sleep(0.05)
+    pidfile = world.home / "jobs" / job / "work" / "child.pid"
+    while not pidfile.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    child = int(pidfile.read_text())
+    p = world.run("cancel", job)
+    assert "cancelled" in p.stdout
+    j = world.wait(job)
+    assert j["state"] == "cancelled"
+    time.sleep(0.2)
+    assert not _alive(child), "the job's background child survived cancel"
+
+
+def test_cancel_sigkills_after_grace_when_sigterm_is_ignored(world):
+    job = world.submit("sh", "-c", "trap '' TERM; sleep 300", extra=("--env", "X=1"))
+    deadline = time.time() + 10
+    while world.status(job)["state"] != "running" and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.2)
+    world.run("cancel", job)
+    j = world.wait(job, timeout=30)
+    assert j["state"] == "cancelled"
+
+
+def test_cancel_queued_job(world):
+    blockers = [world.submit("sleep", "30", gpus=4)]
+    queued = world.submit("echo", "never", gpus=1)
+    assert world.status(queued)["state"] == "queued"
+    world.run("cancel", queued)
+    j = world.status(queued)
+    assert j["state"] == "cancelled" and j["started_at"] is None
+    world.run("cancel", blockers[0])
+
+
+def test_priority_runs_first(world):
+    blocker = world.submit("sleep", "1.5", gpus=4)
+    low = world.submit("true", gpus=4)
+    high = world.submit("true", gpus=4, extra=("--priority", "5"))
+    jl, jh = world.wait(low), world.wait(high)
+    assert jh["started_at"] < jl["started_at"]
+    world.wait(blocker)
+
+
+def test_retries_requeue_a_failed_job(world):
+    job = world.submit("sh", "-c", "echo try; exit 4", extra=("--retries", "2"))
+    j = world.wait(job)
+    assert j["state"] == "failed" and j["exit_code"] == 4 and j["attempts"] == 3
+    assert world.run("logs", job).stdout.count("try\n") == 3
+
+
+def test_unknown_job_is_one_clear_line(world):
+    p = world.run("logs", "999", check=False)
+    assert p.returncode == 1 and "no job 999" in p.stderr and "Traceback" not in p.stderr
+    p = world.run("status", "abc", check=False)
+    assert p.returncode == 1 and "not a job id" in p.stderr
+
+
+def _alive(pid):
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
