@@ -196,7 +196,9 @@ def place(session, gpus, events):
 # ------------------------------------------------------------------ status
 
 def status(session, host=None, states=None, show_all=False, limit=None):
-    """(jobs newest first, [(host, error)]) across hosts, asked in parallel."""
+    """(jobs newest first, [(host, error)], hidden count) across hosts, asked in parallel.
+    Without show_all, finished jobs older than a day are hidden and so are all but the
+    `limit` newest finished ones per host."""
     names = [host] if host else list(session.cfg.hosts)
     if host:
         session.cfg.get(host)
@@ -207,14 +209,15 @@ def status(session, host=None, states=None, show_all=False, limit=None):
         req["since"] = time.time() - HIDE_FINISHED_AFTER_S
     if limit:
         req["limit"] = int(limit)
-    jobs, failures = [], []
+    jobs, failures, hidden = [], [], 0
     for name, res, err in hostsmod.parallel(lambda h: session.client(h).call("status", req), names):
         if err is not None:
             failures.append((name, err))
             continue
+        hidden += res.get("hidden", 0)
         jobs.extend(_decorate(session, name, j) for j in res["jobs"])
     jobs.sort(key=lambda j: j["submitted_at"], reverse=True)
-    return jobs, failures
+    return jobs, failures, hidden
 
 
 def job(session, ref):
@@ -289,3 +292,92 @@ def logs(session, ref, follow=False, tail=None, retry_for=None, sleep=time.sleep
             yield ("reconnecting", attempt, e, delay)
             session.reset(host)
             sleep(delay)
+
+
+# ------------------------------------------------------------------ pull
+
+def pull(session, ref, paths=(), dest=None, progress=None):
+    """Copy files a job wrote to dest (default ./rtrain-out/JOB/). Returns [(path, size)].
+    progress(path, done, total) is called as bytes arrive."""
+    import base64
+    host, n, job = session.find(ref)
+    client = session.client(host)
+    listing = client.call("outputs", {"id": n, "paths": list(paths)})
+    dest = os.path.abspath(dest or os.path.join("rtrain-out", job["id"].replace(":", "-")))
+    got = []
+    for f in listing["files"]:
+        target = os.path.join(dest, f["path"])
+        if not os.path.abspath(target).startswith(dest + os.sep):
+            raise RtrainError("refusing to write %r outside %s" % (f["path"], dest))
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        tmp = target + ".rtrain-part"
+        done = 0
+        with open(tmp, "wb") as out:
+            for frame in client.stream("read", {"id": n, "path": f["path"]}):
+                if "d" in frame:
+                    data = base64.b64decode(frame["d"])
+                    out.write(data)
+                    done += len(data)
+                    if progress:
+                        progress(f["path"], done, f["size"])
+        os.chmod(tmp, 0o755 if f.get("exec") else 0o644)
+        os.replace(tmp, target)
+        got.append((f["path"], done))
+    return {"job": job, "dest": dest, "files": got}
+
+
+# ------------------------------------------------------------------ hosts (doctor)
+
+def doctor(session, host=None):
+    """[(host, [check])] where a check is {"name", "ok": True/False/None, "detail", "fix"}."""
+    names = [host] if host else list(session.cfg.hosts)
+    if host:
+        session.cfg.get(host)
+
+    def check(name):
+        h = session.cfg.get(name)
+        c = session.client(name)
+        out = []
+        t0 = time.monotonic()
+        try:
+            hello = c.call("hello", {"sched": c.sched()})
+        except HostError as e:
+            kind = "ssh" if h.kind == "ssh" else "agent"
+            out.append({"name": kind, "ok": False, "detail": e.message, "fix": e.hint})
+            return out
+        if h.kind == "ssh":
+            out.append({"name": "ssh", "ok": True, "detail": "%s reached in %.0f ms" % (
+                h.ssh, (time.monotonic() - t0) * 1000), "fix": ""})
+        py = tuple(int(x) for x in hello["python"].split(".")[:2])
+        out.append({"name": "python", "ok": py >= (3, 8), "detail": "%s (%s)" % (
+            hello["python"], hello["executable"]),
+            "fix": "" if py >= (3, 8) else "rtrain needs Python >= 3.8; set `python:` in hosts.yaml"})
+        out.append({"name": "agent", "ok": True, "detail": "version %s, protocol %s, daemon %s" % (
+            hello["agent_version"], hello["protocol"],
+            "running" if hello.get("daemon_running") else "idle (starts on demand)"), "fix": ""})
+        try:
+            g = c.call("gpus", {"sched": c.sched()})
+            if g.get("error"):
+                out.append({"name": "nvidia-smi", "ok": False, "detail": g["error"]["message"],
+                            "fix": "fix the NVIDIA driver there; CPU jobs (--gpus 0) still run"})
+            elif not g.get("nvidia_smi_found", True):
+                out.append({"name": "nvidia-smi", "ok": None, "detail": "not found: no GPUs",
+                            "fix": "install the NVIDIA driver for GPU jobs; CPU jobs run"})
+            else:
+                free = sum(1 for u in g["gpus"] if u["state"] == "free")
+                out.append({"name": "nvidia-smi", "ok": True, "detail": "%d GPU(s), %d free" % (
+                    len(g["gpus"]), free), "fix": ""})
+        except RtrainError as e:
+            out.append({"name": "nvidia-smi", "ok": False, "detail": e.message, "fix": e.hint})
+        free = hello.get("disk_free")
+        ok = hello.get("home_writable") and (free is None or free > 1 << 30)
+        out.append({"name": "disk", "ok": bool(ok), "detail": "%s: %s%s" % (
+            hello["home"], "not writable (%s)" % hello.get("home_problem") if not hello.get("home_writable")
+            else "writable", "" if free is None else ", %.1f GB free" % (free / 1e9)),
+            "fix": "" if ok else "free some space or set `home:` in hosts.yaml to a larger disk"})
+        return out
+
+    return [(name, res if err is None else [{"name": "ssh" if session.cfg.get(name).kind == "ssh"
+                                             else "agent", "ok": False, "detail": err.message,
+                                             "fix": err.hint}])
+            for name, res, err in hostsmod.parallel(check, names)]

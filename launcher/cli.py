@@ -58,6 +58,8 @@ def build_parser():
                                                           "cancelled", "lost"], help="only these states")
     st.add_argument("-a", "--all", action="store_true", help="include jobs that ended over a day ago")
     st.add_argument("-w", "--watch", action="store_true", help="refresh every 2 s")
+    st.add_argument("-n", "--limit", type=int, default=30, metavar="N",
+                    help="show at most N finished jobs per host (default 30; --all shows every one)")
 
     lg = sub.add_parser("logs", help="print or follow a job's log")
     lg.add_argument("job")
@@ -67,6 +69,15 @@ def build_parser():
 
     c = sub.add_parser("cancel", help="cancel a queued or running job")
     c.add_argument("jobs", nargs="+", metavar="JOB")
+
+    pl = sub.add_parser("pull", help="copy files a job wrote to ./rtrain-out/JOB/")
+    pl.add_argument("job")
+    pl.add_argument("paths", nargs="*", metavar="PATH",
+                    help="files or folders in the job's work dir (default: all it wrote)")
+    pl.add_argument("-o", "--output", metavar="DIR", help="where to put them (default ./rtrain-out/JOB)")
+
+    h = sub.add_parser("hosts", help="check each host: ssh, python, agent, nvidia-smi, disk")
+    h.add_argument("host", nargs="?")
 
     g = sub.add_parser("gpus", help="GPUs of every host: free, busy or unknown, and who holds them")
     g.add_argument("--host")

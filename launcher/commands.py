@@ -56,13 +56,15 @@ def cmd_status(args, session_factory):
                 render.job_detail(job)
             return 0
         while True:
-            jobs, failures = app.status(s, host=args.host, states=args.state, show_all=args.all)
+            jobs, failures, hidden = app.status(
+                s, host=args.host, states=args.state, show_all=args.all,
+                limit=None if (args.all or args.json) else args.limit)
             if args.json:
                 print(json.dumps([render.job_json(j) for j in jobs], indent=2))
                 break
             if args.watch:
                 render.clear()
-            render.job_table(jobs, failures)
+            render.job_table(jobs, failures, hidden)
             if not args.watch:
                 break
             time.sleep(2)
@@ -147,3 +149,25 @@ def cmd_gpus(args, session_factory):
         return 0
     render.gpu_table(results)
     return 0 if all(err is None for _, _, err in results) else 1
+
+
+def cmd_pull(args, session_factory):
+    from . import app, render
+    bar = render.FileProgress()
+    with session_factory(args) as s:
+        try:
+            res = app.pull(s, args.job, args.paths, dest=args.output, progress=bar.update)
+        finally:
+            bar.done()
+    total = sum(n for _, n in res["files"])
+    print("pulled %d file(s), %.1f MB, from job %s into %s" % (
+        len(res["files"]), total / 1e6, res["job"]["id"], os.path.relpath(res["dest"])))
+    return 0
+
+
+def cmd_hosts(args, session_factory):
+    from . import app, render
+    with session_factory(args) as s:
+        results = app.doctor(s, args.host)
+    render.doctor(results)
+    return 0 if all(c["ok"] is not False for _, checks in results for c in checks) else 1

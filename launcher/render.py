@@ -54,7 +54,7 @@ def submitted(job):
             job["gpus_requested"], "" if job["gpus_requested"] == 1 else "s")))
 
 
-def job_table(jobs, failures=()):
+def job_table(jobs, failures=(), hidden=0):
     from rich.table import Table
     con = _console()
     t = Table(box=None, pad_edge=False, header_style="bold")
@@ -74,8 +74,11 @@ def job_table(jobs, failures=()):
         con.print(t)
     else:
         con.print("no jobs" + ("" if failures else " (rtrain status --all shows older ones)"))
+    if hidden:
+        con.print("[dim]%d older finished job%s not shown (rtrain status --all)[/]" % (
+            hidden, "" if hidden == 1 else "s"))
     for host, err in failures:
-        con.print("[red]%s: unreachable[/]: %s" % (host, err.message))
+        con.print("[red]%s[/]: %s" % (host, err.message))
 
 
 def job_detail(job):
@@ -176,3 +179,39 @@ class Stderr:
         if self.bar is not None:
             self.bar.stop()
             self.bar = None
+
+
+def doctor(results):
+    con = _console()
+    mark = {True: "[green]ok[/]  ", False: "[red]FAIL[/]", None: "[yellow]warn[/]"}
+    for host, checks in results:
+        bad = [c for c in checks if c["ok"] is False]
+        con.print("[bold]%s[/]: %s" % (host, "[red]not ready[/]" if bad else "[green]ready[/]"))
+        for c in checks:
+            con.print("  %s %-10s %s" % (mark[c["ok"]], c["name"], c["detail"]), soft_wrap=True)
+            if c["ok"] is not True and c.get("fix"):
+                con.print("             fix: %s" % c["fix"], soft_wrap=True)
+
+
+class FileProgress:
+    """A progress bar for pulls, shown only for files over 8 MB and on a terminal."""
+
+    def __init__(self):
+        self.bar = None
+        self.tasks = {}
+
+    def update(self, path, done, total):
+        if total < (8 << 20) or not sys.stderr.isatty():
+            return
+        if self.bar is None:
+            from rich.progress import Progress, BarColumn, DownloadColumn, TransferSpeedColumn
+            self.bar = Progress("{task.description}", BarColumn(), DownloadColumn(),
+                                TransferSpeedColumn(), console=_console(stderr=True), transient=True)
+            self.bar.start()
+        if path not in self.tasks:
+            self.tasks[path] = self.bar.add_task(path, total=total)
+        self.bar.update(self.tasks[path], completed=done)
+
+    def done(self):
+        if self.bar is not None:
+            self.bar.stop()

@@ -63,6 +63,7 @@ class _Popen(AgentProcess):
 
     def write(self, data):
         self._p.stdin.write(data)
+        self._p.stdin.flush()
 
     def close_stdin(self):
         try:
@@ -123,5 +124,5 @@ class LocalTransport(Transport):
         p = subprocess.Popen(
             list(argv),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            env=full_env, bufsize=0)
+            env=full_env)
         return _Popen(p)

@@ -128,7 +128,7 @@ def gpus_verb(ctx):
     except gpus.NvidiaSmiError as e:
         units = []
         found = e.kind != "not_found"
-        error = {"kind": e.kind, "message": e.message}
+        error = {"kind": e.kind, "message": e.message} if found else None
     mine = {}
     for row in ctx.con.execute("SELECT id, gpus FROM jobs WHERE state='running'").fetchall():
         for u in json.loads(row["gpus"]):
@@ -254,30 +254,39 @@ def _save_sched_cfg(home, cfg):
 
 
 def status(ctx):
+    """Jobs newest first. Filters: ids, states, since (finished before it are hidden, counted),
+    limit (at most this many finished jobs; active ones always come)."""
     req = ctx.req
     con = ctx.con
     scheduler.finalize_exited(con, ctx.home)
     ids = req.get("ids")
+    hidden = 0
     if ids:
         rows = [_job(ctx, i) for i in ids]
+        jobs = [_public(ctx, r) for r in rows]
     else:
         where, args = [], []
         if req.get("states"):
             where.append("state IN (%s)" % ",".join("?" * len(req["states"])))
             args += list(req["states"])
+        base = " AND ".join(where) if where else "1"
+        finished = "state NOT IN ('queued','running')"
+        shown = "(%s)" % base
         if req.get("since") is not None:
-            where.append("(state IN ('queued','running') OR COALESCE(ended_at, submitted_at) >= ?)")
-            args.append(float(req["since"]))
-        sql = "SELECT * FROM jobs"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY id DESC"
-        if req.get("limit"):
-            sql += " LIMIT %d" % int(req["limit"])
+            shown += " AND (NOT %s OR COALESCE(ended_at, submitted_at) >= %r)" % (finished, float(req["since"]))
+        sql = "SELECT * FROM jobs WHERE %s AND NOT %s ORDER BY id DESC" % (shown, finished)
         rows = con.execute(sql, args).fetchall()
-    if any(r["state"] in ("queued", "running") for r in rows) and not scheduler.running(ctx.home):
+        fin_sql = "SELECT * FROM jobs WHERE %s AND %s ORDER BY id DESC" % (shown, finished)
+        if req.get("limit"):
+            fin_sql += " LIMIT %d" % int(req["limit"])
+        rows += con.execute(fin_sql, args).fetchall()
+        rows.sort(key=lambda r: -r["id"])
+        total = con.execute("SELECT COUNT(*) FROM jobs WHERE %s" % base, args).fetchone()[0]
+        hidden = total - len(rows)
+        jobs = [db.to_public(r) for r in rows]
+    if any(j["state"] in ("queued", "running") for j in jobs) and not scheduler.running(ctx.home):
         ctx.poke()  # the daemon died (or the host rebooted): start it, it reconciles
-    return {"jobs": [_public(ctx, r) for r in rows], "now": time.time()}
+    return {"jobs": jobs, "hidden": hidden, "now": time.time()}
 
 
 def cancel(ctx):
@@ -394,6 +403,74 @@ def _tail_offset(f, lines):
     return 0
 
 
+def outputs(ctx):
+    """Files under a job's work dir: those named in `paths` (files or folders), or by default
+    every file the job wrote (not in its snapshot, or changed since)."""
+    row = _job(ctx, ctx.req.get("id"))
+    work = os.path.realpath(ctx.home.work(row["id"]))
+    wanted = ctx.req.get("paths") or []
+    snap = {}
+    if not wanted:
+        manifest = fsutil.read_json(os.path.join(ctx.home.job_dir(row["id"]), "manifest.json")) or {}
+        for e in manifest.get("entries", []):
+            snap[e["path"]] = e
+    roots = [_inside(work, p) for p in wanted] or [work]
+    files = []
+    for top in roots:
+        if not os.path.lexists(top):
+            raise AgentError("no_such_file", "job %d has no %s" % (row["id"], os.path.relpath(top, work)),
+                             "`rtrain pull %d` without paths fetches everything it wrote" % row["id"])
+        for full in _files_under(top):
+            st = os.lstat(full)
+            rel = os.path.relpath(full, work)
+            old = snap.get(rel)
+            if old is not None and old.get("size") == st.st_size and \
+                    st.st_mtime <= (row["started_at"] or 0):
+                continue
+            files.append({"path": rel, "size": st.st_size, "mtime": st.st_mtime,
+                          "exec": bool(st.st_mode & 0o111)})
+    files.sort(key=lambda f: f["path"])
+    return {"files": files, "work_dir": work}
+
+
+def _files_under(top):
+    if not os.path.isdir(top) or os.path.islink(top):
+        if os.path.isfile(top) and not os.path.islink(top):
+            yield top
+        return
+    for d, _dirs, names in os.walk(top):
+        for name in names:
+            full = os.path.join(d, name)
+            if os.path.isfile(full) and not os.path.islink(full):
+                yield full
+
+
+def _inside(work, rel):
+    if os.path.isabs(rel) or not rel:
+        raise AgentError("bad_path", "%r: give a path relative to the job's work dir" % rel)
+    full = os.path.realpath(os.path.join(work, rel))
+    if full != work and not full.startswith(work + os.sep):
+        raise AgentError("bad_path", "%r is outside the job's work dir" % rel)
+    return full
+
+
+def read(ctx):
+    """Stream one file of a job's work dir from byte `offset`: frames {"o", "d"}, then its size."""
+    row = _job(ctx, ctx.req.get("id"))
+    work = os.path.realpath(ctx.home.work(row["id"]))
+    path = _inside(work, ctx.req.get("path") or "")
+    offset = int(ctx.req.get("offset") or 0)
+    with open(path, "rb") as f:
+        f.seek(offset)
+        while True:
+            data = f.read(256 * 1024)
+            if not data:
+                break
+            ctx.emit({"o": offset, "d": base64.b64encode(data).decode("ascii")})
+            offset += len(data)
+    return {"size": offset}
+
+
 def daemon(ctx):
     code = scheduler.Daemon(ctx.home, ctx.agent_argv).serve()
     sys.exit(code or 0)
@@ -413,4 +490,5 @@ def shutdown(ctx):
 VERBS = {
     "hello": hello, "gpus": gpus_verb, "missing": missing, "put": put, "submit": submit,
     "status": status, "cancel": cancel, "logs": logs, "daemon": daemon, "shutdown": shutdown,
+    "outputs": outputs, "read": read,
 }

@@ -1,0 +1,200 @@
+"""hosts.yaml -> frozen dataclasses. Unknown keys and wrong types are errors that say where."""
+import os
+from dataclasses import dataclass, field
+from typing import Optional, Tuple, Union
+
+from .errors import ConfigError
+
+HOST_KEYS = {
+    "kind": "local or ssh (default: ssh when `ssh` is set)",
+    "ssh": "an alias from ~/.ssh/config, or user@host[:port]",
+    "identity_file": "path of the private key to use",
+    "python": "python3 on the host (default python3)",
+    "gpus": "all, or a list of GPU indexes or UUIDs rtrain may use",
+    "home": "RTRAIN_HOME on the host (default ~/.rtrain)",
+    "mem_busy_mib": "a GPU using more memory than this (MiB) is busy (default 1024)",
+    "accept_new_host_key": "trust an unknown host key on first use (default false)",
+    "connect_timeout": "seconds to wait for the host (default 10)",
+    "max_tree_mb": "ask before syncing a tree larger than this (default 100)",
+    "env": "variables set for every job on this host",
+    "lock_dir": "shared directory of GPU lease files (default /tmp/rtrain-gpu-locks)",
+    "nvidia_smi": "nvidia-smi command on the host (default nvidia-smi)",
+}
+TOP_KEYS = ("default", "hosts")
+
+
+@dataclass(frozen=True)
+class Host:
+    name: str
+    kind: str = "local"
+    ssh: Optional[str] = None
+    identity_file: Optional[str] = None
+    python: str = "python3"
+    gpus: Union[str, Tuple[str, ...]] = "all"
+    home: Optional[str] = None
+    mem_busy_mib: int = 1024
+    accept_new_host_key: bool = False
+    connect_timeout: float = 10.0
+    max_tree_mb: int = 100
+    env: Tuple[Tuple[str, str], ...] = ()
+    lock_dir: Optional[str] = None
+    nvidia_smi: Optional[str] = None
+
+
+LOCAL = Host(name="local")
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Optional[str]
+    default: Optional[str]
+    hosts: dict = field(default_factory=dict)
+
+    def get(self, name):
+        if name not in self.hosts:
+            where = (" in %s" % self.path) if self.path else ""
+            raise ConfigError("no such host '%s'; hosts%s: %s" % (name, where, ", ".join(self.hosts)),
+                              "add it under `hosts:` (see hosts.example.yaml)" if self.path else
+                              "create hosts.yaml (see hosts.example.yaml) or use the `local` host")
+        return self.hosts[name]
+
+
+def find_hosts_file(explicit=None, env=None, cwd=None):
+    env = os.environ if env is None else env
+    if explicit:
+        if not os.path.isfile(explicit):
+            raise ConfigError("hosts file %s does not exist" % explicit,
+                              "check the path given to --hosts (hosts.example.yaml shows the format)")
+        return explicit
+    if env.get("RTRAIN_HOSTS"):
+        p = env["RTRAIN_HOSTS"]
+        if not os.path.isfile(p):
+            raise ConfigError("RTRAIN_HOSTS names %s, which does not exist" % p,
+                              "fix or unset RTRAIN_HOSTS")
+        return p
+    for p in (os.path.join(cwd or os.getcwd(), "hosts.yaml"),
+              os.path.expanduser("~/.config/rtrain/hosts.yaml")):
+        if os.path.isfile(p):
+            return p
+    return None
+
+
+def load(explicit=None, env=None, cwd=None):
+    path = find_hosts_file(explicit, env, cwd)
+    if path is None:
+        return Config(path=None, default="local", hosts={"local": LOCAL})
+    return parse(path)
+
+
+def _loader():
+    import yaml
+    return getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def parse(path):
+    import yaml
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError("cannot read %s: %s" % (path, e.strerror))
+    try:
+        root = yaml.compose(text, Loader=_loader())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = "%s:%d:%d" % (path, mark.line + 1, mark.column + 1) if mark else path
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError("%s: YAML syntax error: %s" % (where, problem),
+                          "fix the YAML at that line (hosts.example.yaml shows the format)")
+    hosts = {"local": LOCAL}
+    if root is None:
+        return Config(path=path, default="local", hosts=hosts)
+    if not isinstance(root, yaml.MappingNode):
+        raise ConfigError("%s:%d: the file must be a mapping with `hosts:`" % (path, root.start_mark.line + 1),
+                          "see hosts.example.yaml")
+    default = None
+    default_line = 0
+    for knode, vnode in root.value:
+        key = knode.value
+        line = knode.start_mark.line + 1
+        if key not in TOP_KEYS:
+            raise ConfigError("%s:%d: unknown key '%s'; valid keys: %s" % (path, line, key, ", ".join(TOP_KEYS)))
+        if key == "default":
+            if not isinstance(vnode, yaml.ScalarNode) or not vnode.value:
+                raise ConfigError("%s:%d: 'default' must be a host name" % (path, line))
+            default, default_line = vnode.value, line
+        else:
+            if not isinstance(vnode, yaml.MappingNode):
+                raise ConfigError("%s:%d: 'hosts' must be a mapping of host names to settings" % (path, line),
+                                  "see hosts.example.yaml")
+            for hk, hv in vnode.value:
+                hosts[hk.value] = _host(path, hk.value, hk.start_mark.line + 1, hv)
+    if default is not None and default not in hosts:
+        raise ConfigError("%s:%d: default host '%s' is not defined; hosts: %s" % (
+            path, default_line, default, ", ".join(hosts)), "add it under `hosts:` or fix the name")
+    return Config(path=path, default=default, hosts=hosts)
+
+
+def _host(path, name, line, node):
+    import yaml
+    if node is None or (isinstance(node, yaml.ScalarNode) and node.value in ("", "null", "~")):
+        raise ConfigError("%s:%d: host '%s' has no settings" % (path, line, name),
+                          "give it at least `ssh: user@host` (see hosts.example.yaml)")
+    if not isinstance(node, yaml.MappingNode):
+        raise ConfigError("%s:%d: host '%s' must be a mapping of settings" % (path, line, name))
+    data = yaml.load(yaml.serialize(node), Loader=_loader())
+    lines = {k.value: k.start_mark.line + 1 for k, _ in node.value}
+    for key in data:
+        if key not in HOST_KEYS:
+            raise ConfigError("%s:%d: unknown key '%s' in host '%s'; valid keys: %s" % (
+                path, lines.get(key, line), key, name, ", ".join(sorted(HOST_KEYS))),
+                "check the spelling (hosts.example.yaml documents every key)")
+
+    def bad(key, what):
+        raise ConfigError("%s:%d: host '%s': '%s' must be %s, got %r" % (
+            path, lines.get(key, line), name, key, what, data[key]))
+
+    kw = {"name": name}
+    for key in ("ssh", "identity_file", "python", "home", "lock_dir", "nvidia_smi"):
+        if key in data:
+            if not isinstance(data[key], str) or not data[key]:
+                bad(key, "a non-empty string")
+            kw[key] = data[key]
+    kind = data.get("kind", "ssh" if "ssh" in data else None)
+    if kind not in ("local", "ssh"):
+        if kind is None:
+            raise ConfigError("%s:%d: host '%s' has no `ssh:` (and is not `kind: local`)" % (path, line, name),
+                              "add `ssh: user@host` or an alias from ~/.ssh/config")
+        bad("kind", "'local' or 'ssh'")
+    if kind == "ssh" and "ssh" not in data:
+        raise ConfigError("%s:%d: host '%s' is kind ssh but has no `ssh:`" % (path, line, name),
+                          "add `ssh: user@host` or an alias from ~/.ssh/config")
+    if name == "local" and kind != "local":
+        bad("kind", "'local' for the host named local")
+    kw["kind"] = kind
+    if "gpus" in data:
+        g = data["gpus"]
+        if g == "all":
+            kw["gpus"] = "all"
+        elif isinstance(g, list) and g and all(isinstance(x, (int, str)) and not isinstance(x, bool) for x in g):
+            kw["gpus"] = tuple(str(x) for x in g)
+        else:
+            bad("gpus", "'all' or a list of GPU indexes or UUIDs")
+    for key, typ, what in (("mem_busy_mib", int, "a whole number of MiB"),
+                           ("max_tree_mb", int, "a whole number of MB"),
+                           ("connect_timeout", (int, float), "a number of seconds")):
+        if key in data:
+            v = data[key]
+            if isinstance(v, bool) or not isinstance(v, typ) or v < 0:
+                bad(key, what)
+            kw[key] = v
+    if "accept_new_host_key" in data:
+        if not isinstance(data["accept_new_host_key"], bool):
+            bad("accept_new_host_key", "true or false")
+        kw["accept_new_host_key"] = data["accept_new_host_key"]
+    if "env" in data:
+        e = data["env"]
+        if not isinstance(e, dict) or not all(isinstance(k, str) for k in e):
+            bad("env", "a mapping of NAME: value")
+        kw["env"] = tuple((k, "" if v is None else str(v)) for k, v in e.items())
+    return Host(**kw)
