@@ -175,7 +175,7 @@ def place(session, gpus, events):
     best = None
     for name, res, err in hostsmod.parallel(probe, names):
         if err is not None:
-            events("skip", "%s: %s" % (name, err.message))
+            events("skip", "skipping %s" % err.message)
             continue
         g, st = res
         units = g["gpus"]

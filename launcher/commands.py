@@ -68,7 +68,7 @@ def cmd_status(args, session_factory):
             if not args.watch:
                 break
             time.sleep(2)
-    return 0
+    return 1 if failures else 0
 
 
 def cmd_logs(args, session_factory):

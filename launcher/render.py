@@ -72,13 +72,15 @@ def job_table(jobs, failures=(), hidden=0):
                   gp, when(j["submitted_at"]), when(j["started_at"]), duration(j, now), exit_text)
     if jobs:
         con.print(t)
-    else:
-        con.print("no jobs" + ("" if failures else " (rtrain status --all shows older ones)"))
+    elif not failures:
+        con.print("no jobs (rtrain status --all shows older ones)")
     if hidden:
         con.print("[dim]%d older finished job%s not shown (rtrain status --all)[/]" % (
             hidden, "" if hidden == 1 else "s"))
     for host, err in failures:
-        con.print("[red]%s[/]: %s" % (host, err.message))
+        sys.stderr.write("rtrain: error: %s\n" % err.message)
+        if err.hint:
+            sys.stderr.write("  hint: %s\n" % err.hint)
 
 
 def job_detail(job):

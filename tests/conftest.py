@@ -10,21 +10,9 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-
-def in_ci():
-    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
-
-
-def need(condition, reason):
-    """Skip locally when a real part can't be started; fail in CI, where it must be there."""
-    if not condition:
-        if in_ci():
-            pytest.fail("CI=true but " + reason)
-        pytest.skip(reason)
+from support import REPO, SHARED, in_ci, need  # noqa: E402,F401
 
 
 class World:

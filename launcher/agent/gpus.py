@@ -80,8 +80,8 @@ class NvidiaSmiError(Exception):
 # (regex on one line, kind, message template using the match)
 _ERRORS = [
     (re.compile(r"^NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver"),
-     "driver_not_loaded", "nvidia-smi: the NVIDIA driver is not loaded ({line}). "
-                          "Install or load the driver (or reboot after a driver upgrade)."),
+     "driver_not_loaded", "nvidia-smi cannot communicate with the NVIDIA driver (kernel module "
+                          "not loaded). Install or load the driver, or reboot after a driver upgrade."),
     (re.compile(r"^NVIDIA-SMI couldn't find libnvidia-ml\.so"),
      "driver_not_loaded", "nvidia-smi: the NVML library is missing ({line}). "
                           "Install the NVIDIA driver."),
@@ -138,7 +138,7 @@ def _is_numeric(field, unit):
     f = canonical(field)
     if unit:
         return True
-    return f in _NUMERIC or f.startswith(_NUMERIC_PREFIXES) and f != "memory.reserved_mode"
+    return f in _NUMERIC or f.startswith(_NUMERIC_PREFIXES)
 
 
 _NUM = re.compile(r"^(-?\d+(?:\.\d+)?)\s*([A-Za-z%]*)$")
@@ -186,25 +186,21 @@ def parse_csv(text, fields, raw=False, require_header=False):
     rows = []
     units = [None] * n
     header_seen = False
-    for i, line in enumerate(lines):
+    want = [canonical(f) for f in fields]
+    for line in lines:
         line = line.rstrip("\r")
-        if not header_seen and not rows:
+        if not header_seen and not rows and not line.startswith("WARNING"):
             cells = [c.strip() for c in line.split(", ")]
-            if len(cells) == n and all(_HEADER_CELL.match(c) for c in cells) and \
-                    any(not _NUM.match(c) for c in cells) and not line.startswith("WARNING"):
-                names = [canonical(c) for c in cells]
-                want = [canonical(f) for f in fields]
+            names = [canonical(c) for c in cells]
+            if all(_HEADER_CELL.match(c) for c in cells) and (
+                    any(" [" in c for c in cells) or any(x in want for x in names)):
                 if names != want:
-                    if detect_error(line):
-                        _raise_if_error(line)
                     raise NvidiaSmiError("bad_output", "nvidia-smi: unexpected CSV header %r "
                                          "(asked for %s)" % (line.strip(), ", ".join(fields)))
                 units = [(re.search(r"\[([^\]]*)\]$", c) or [None, None])[1] for c in cells]
                 header_seen = True
                 continue
-        err = detect_error(line) if not line.startswith(fields and "GPU-" or "\0") else None
-        if err is not None:
-            raise err
+        _raise_if_error(line)
         if line.startswith("WARNING") or line.startswith("Warning"):
             continue
         cells = line.split(", ", n - 1) if n > 1 else [line]
@@ -459,7 +455,7 @@ def _exclusive(mode):
         "exclusive_process", "e.process", "exclusive_thread", "e.thread")
 
 
-def _judge(unit, procs, mem_used, mem_total, mem_busy_mib, own, raw_mem, compute_mode):
+def _judge(procs, mem_used, mem_total, mem_busy_mib, own, raw_mem, compute_mode):
     """Set state/reason of `unit` (procs: [{"pid","used_memory","name"}])."""
     foreign = [p for p in procs if p["pid"] not in own]
     if foreign:
@@ -520,7 +516,7 @@ def classify(snapshot, mem_busy_mib=1024, own_pids=(), visible=None):
             continue
         if vis is not None and idx not in vis and uuid not in vis:
             continue
-        state, reason = _judge(None, procs, mem_used, mem_total, mem_busy_mib, own,
+        state, reason = _judge(procs, mem_used, mem_total, mem_busy_mib, own,
                                (raw.get("memory.used") or "").strip(), cmode)
         units.append({"index": idx, "uuid": uuid, "name": name, "memory_used": mem_used,
                       "memory_total": mem_total, "utilization": _get(g, "utilization.gpu"),
@@ -565,7 +561,7 @@ def _mig_units(snapshot, g, idx, uuid, name, cmode, procs, listing, xml, mem_bus
                 for p in xprocs if p.get("gpu_instance_id") == d["gpu_instance_id"]
                 and p.get("compute_instance_id") == d["compute_instance_id"]]
         unit["processes"] = mine
-        state, reason = _judge(None, mine, d.get("memory_used"), d.get("memory_total"),
+        state, reason = _judge(mine, d.get("memory_used"), d.get("memory_total"),
                                mem_busy_mib, own, "N/A", cmode)
         if state == "free" and unmapped:
             state, reason = "unknown", "%s on the parent GPU not mapped to a MIG device" % (
