@@ -126,7 +126,8 @@ def submit(session, argv, host=None, gpus=0, name=None, priority=0, retries=0, e
     client = session.client(host)
     req = {"manifest": {"entries": manifest["entries"], "git": manifest.get("git")},
            "command": command, "gpus": int(gpus), "name": name, "priority": int(priority),
-           "retries": int(retries), "env": dict(env or {}), "token": uuid.uuid4().hex,
+           "retries": int(retries), "env": dict(dict(getattr(h, "env", ()) or ()), **dict(env or {})),
+           "token": uuid.uuid4().hex,
            "sched": client.sched()}
     for attempt in range(3):
         try:

@@ -164,3 +164,22 @@ def _alive(pid):
             return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
     except OSError:
         return False
+
+
+def test_bad_hosts_file_and_unknown_host_are_one_clear_line(world):
+    (world.cwd / "hosts.yaml").write_text("hosts:\n  tower:\n    ssh: [broken\n")
+    p = world.run("status", check=False)
+    assert p.returncode == 1 and "hosts.yaml:" in p.stderr and "YAML syntax error" in p.stderr
+    assert "Traceback" not in p.stderr
+    (world.cwd / "hosts.yaml").unlink()
+    p = world.run("submit", "--host", "nowhere", "--", "true", check=False)
+    assert p.returncode == 1 and "no such host 'nowhere'" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_pull_and_hosts_doctor(world, tmp_path):
+    job = world.submit("sh", "-c", "mkdir -p out; printf 'w' > out/weights.bin")
+    assert world.wait(job)["state"] == "succeeded"
+    world.run("pull", job)
+    assert (world.cwd / "rtrain-out" / job / "out" / "weights.bin").read_bytes() == b"w"
+    p = world.run("hosts")
+    assert "local: ready" in p.stdout and "4 GPU(s)" in p.stdout
