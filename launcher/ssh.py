@@ -219,7 +219,8 @@ class SSHTransport(Transport):
                 raise HostError(self.name, "authentication refused for %s@%s" % (r.user, r.key_name),
                                 "add your public key to ~/.ssh/authorized_keys there, or set "
                                 "identity_file for this host in hosts.yaml")
-            if "Error reading SSH protocol banner" in msg or "timed out" in msg.lower():
+            if "Error reading SSH protocol banner" in msg or "timed out" in msg.lower() or \
+                    "No existing session" in msg:
                 raise HostError(self.name, "no SSH answer from %s within %gs" % (r.key_name, r.timeout),
                                 "is the host up and is sshd listening there? (connect_timeout in hosts.yaml)")
             raise HostError(self.name, "SSH to %s failed: %s" % (r.key_name, msg),
