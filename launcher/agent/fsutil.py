@@ -3,13 +3,29 @@ import json
 import os
 
 
-def write_json_atomic(path, obj):
+def write_json_atomic(path, obj, durable=True):
+    """Write obj to path all at once (temp file + rename). With durable=False the caller
+    fsyncs later (fsync_path), off its hot path."""
     tmp = "%s.tmp%d" % (path, os.getpid())
     with open(tmp, "w") as f:
         json.dump(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def fsync_path(path):
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def read_json(path):
@@ -31,6 +47,16 @@ def proc_start_time(pid):
     if rest[0] in ("Z", "X"):
         return None
     return rest[19]
+
+
+def session_id(pid):
+    """The session id of pid (Linux /proc), or None if it can't be read (gone, or not ours to see)."""
+    try:
+        with open("/proc/%d/stat" % int(pid), "rb") as f:
+            data = f.read().decode("ascii", "replace")
+        return int(data[data.rfind(")") + 2:].split()[3])
+    except (OSError, ValueError, IndexError, TypeError):
+        return None
 
 
 def boot_id():

@@ -354,7 +354,7 @@ def _default_run(timeout):
     return run
 
 
-def _base_argv(nvidia_smi):
+def base_argv(nvidia_smi):
     if os.path.sep in nvidia_smi and os.path.exists(nvidia_smi):
         return [nvidia_smi]
     try:
@@ -388,7 +388,7 @@ def query(nvidia_smi="nvidia-smi", timeout=10.0, run=None):
     APP_FIELDS], "list": parse_list() or None, "xml": parse_xml() or None, "mig_error": str|None}.
     Raises NvidiaSmiError; "No devices were found" gives an empty snapshot."""
     run = run or _default_run(timeout)
-    base = _base_argv(nvidia_smi)
+    base = base_argv(nvidia_smi)
     snap = {"gpus": [], "gpus_raw": [], "apps": [], "list": None, "xml": None, "mig_error": None}
     fields = list(GPU_FIELDS)
     try:

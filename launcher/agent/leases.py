@@ -8,6 +8,7 @@ import errno
 import fcntl
 import os
 import re
+import stat
 
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
@@ -98,6 +99,69 @@ def holders(lock_dir):
         if ino in by_inode:
             out[name[:-5]] = by_inode[ino]
     return out
+
+
+# ------------------------------------------------------------------ cross-user wake-ups
+# A daemon whose jobs wait for GPUs listens on a FIFO of its own in the shared lock directory
+# (wake-UID-HOME.fifo, writable by all, owned by its user); a job of any user that frees GPUs writes
+# a byte to each, so a GPU freed by someone else's job is taken within milliseconds too. The
+# directory is shared with other users: nothing here follows a symlink, and only FIFOs are
+# written to (one byte: the worst another user can do is wake a daemon for nothing).
+
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+def waiter_path(lock_dir, home_root):
+    import hashlib
+    tag = hashlib.sha256(home_root.encode("utf-8", "surrogateescape")).hexdigest()[:12]
+    return os.path.join(lock_dir, "wake-%d-%s.fifo" % (os.getuid(), tag))
+
+
+def open_waiter(path):
+    """(read fd, write fd) of a daemon's wake FIFO (waiter_path), or None if it can't be had
+    safely (then the daemon just polls)."""
+    try:
+        os.mkfifo(path, 0o600)
+    except FileExistsError:
+        pass
+    except OSError:
+        return None
+    fds = []
+    try:
+        for flags in (os.O_RDONLY, os.O_WRONLY):
+            fds.append(os.open(path, flags | os.O_NONBLOCK | os.O_CLOEXEC | _NOFOLLOW))
+        st = os.fstat(fds[0])
+        if not stat.S_ISFIFO(st.st_mode) or st.st_uid != os.getuid():
+            raise OSError(errno.EPERM, "not our FIFO")
+        os.fchmod(fds[0], 0o622)
+    except OSError:
+        for fd in fds:
+            os.close(fd)
+        return None
+    return fds[0], fds[1]
+
+
+def wake_waiters(lock_dir):
+    """Poke every daemon that waits for GPUs in lock_dir (any user's)."""
+    try:
+        names = os.listdir(lock_dir)
+    except OSError:
+        return
+    for name in names:
+        if not (name.startswith("wake-") and name.endswith(".fifo")):
+            continue
+        try:
+            fd = os.open(os.path.join(lock_dir, name),
+                         os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC | _NOFOLLOW)
+        except OSError:
+            continue  # ENXIO: nobody listens; ELOOP: a symlink; EACCES: not for us
+        try:
+            if stat.S_ISFIFO(os.fstat(fd).st_mode):
+                os.write(fd, b"x")
+        except OSError:
+            pass  # a full FIFO already holds a wake-up
+        finally:
+            os.close(fd)
 
 
 def pid_user(pid):

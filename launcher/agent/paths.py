@@ -18,6 +18,7 @@ class Home:
         self.store = os.path.join(root, "store")
         self.jobs = os.path.join(root, "jobs")
         self.config = os.path.join(root, "config.json")
+        self.gpu_inventory = os.path.join(root, "gpus.json")
         self.daemon_lock = os.path.join(root, "daemon.lock")
         self.daemon_fifo = os.path.join(root, "daemon.fifo")
         self.daemon_log = os.path.join(root, "daemon.log")

@@ -9,11 +9,15 @@ exit.json atomically when the command ends. Nothing here talks to the database.
 import os
 import signal
 import subprocess
+import sys
 import time
 
-from . import fsutil
+from . import fsutil, leases
 
 SHELL = "/bin/bash" if os.path.exists("/bin/bash") else "/bin/sh"
+# The job gets a process group of its own (cancel signals the group). process_group= (3.11+)
+# lets subprocess use vfork; preexec_fn forces a slower fork.
+_OWN_GROUP = {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
 
 
 def job_env(base, job_id, gpu_uuids, extra):
@@ -69,7 +73,7 @@ def _wrap(home, job, lock_fds, poke, state):
         child = subprocess.Popen(
             [SHELL, "-c", job["command"]], cwd=home.work(job_id), env=env,
             stdin=subprocess.DEVNULL, stdout=log_fd, stderr=subprocess.STDOUT,
-            pass_fds=tuple(lock_fds), preexec_fn=os.setpgrp, close_fds=True)
+            pass_fds=tuple(lock_fds), close_fds=True, **_OWN_GROUP)
     except OSError as e:
         os.write(log_fd, ("rtrain: cannot start the job: %s\n" % e).encode())
         fsutil.write_json_atomic(home.exit_file(job_id), {
@@ -98,10 +102,15 @@ def _wrap(home, job, lock_fds, poke, state):
     if rc < 0:
         sig = signal.Signals(-rc).name
         rc = 128 - rc
+    # Tell the daemon first (the next job waits on it), make the record durable after.
     fsutil.write_json_atomic(home.exit_file(job_id), {
         "exit_code": rc, "signal": sig, "ended_at": time.time(),
-        "cancelled": state["cancelled"] or os.path.exists(home.cancel_file(job_id))})
+        "cancelled": state["cancelled"] or os.path.exists(home.cancel_file(job_id))}, durable=False)
     poke()
+    if lock_fds and job.get("lock_dir"):
+        leases.wake_waiters(job["lock_dir"])  # other users' daemons waiting for these GPUs
+    fsutil.fsync_path(home.exit_file(job_id))
+    fsutil.fsync_path(home.job_dir(job_id))
     return 0
 
 

@@ -2,8 +2,15 @@
 
 Event-driven: a submit or a finishing job writes a byte to the daemon's FIFO, which wakes
 it at once. While a job waits for GPUs held by someone else, the daemon re-tries the
-leases every 0.2 s (cheap: non-blocking flocks) and asks nvidia-smi again when a lease
-changed hands or 2 s went by.
+leases every 0.2 s (cheap: non-blocking flocks).
+
+nvidia-smi is the second check after the leases, and it is slow (tens of ms for a real one,
+more with many GPUs), so it stays off the hand-off path: the daemon keeps its last answer for
+up to SNAPSHOT_MAX_AGE_S, and in it the compute processes of this user's own running jobs
+(found by session id: every job runs in the session its wrapper made) count as "ours", not as
+foreign. When a job of ours ends and its lease is freed, its GPUs are therefore free in the
+snapshot already and the next job starts at once. nvidia-smi is asked again when the snapshot
+is older than that, or when a lease someone else held was freed on a GPU the snapshot saw busy.
 """
 import errno
 import fcntl
@@ -16,9 +23,10 @@ import subprocess
 import sys
 import time
 
-from . import db, fsutil, gpus, leases, paths, runner, store
+from . import db, fsutil, gpus, inventory, leases, paths, runner, store
 
 IDLE_EXIT_S = float(os.environ.get("RTRAIN_DAEMON_IDLE_S", "600"))
+SNAPSHOT_MAX_AGE_S = 2.0
 
 
 def load_config(home):
@@ -31,15 +39,19 @@ def load_config(home):
     }
 
 
-def gpu_units(cfg):
-    """(units, error message or None). A failing nvidia-smi yields no free unit (fail closed)."""
+def gpu_units(cfg, sessions=()):
+    """(units, error message or None). A failing nvidia-smi yields no free unit (fail closed).
+    Compute processes in one of `sessions` (the wrapper pids of our running jobs) are ours."""
     try:
         snap = gpus.query(cfg["nvidia_smi"])
     except gpus.NvidiaSmiError as e:
         if e.kind == "not_found":
             return [], None
         return [], e.message
-    return gpus.classify(snap, mem_busy_mib=cfg["mem_busy_mib"], visible=cfg["visible"]), None
+    own = [a["pid"] for a in snap.get("apps") or ()
+           if a.get("pid") is not None and fsutil.session_id(a["pid"]) in sessions]
+    return gpus.classify(snap, mem_busy_mib=cfg["mem_busy_mib"], own_pids=own,
+                         visible=cfg["visible"]), None
 
 
 # ---------------------------------------------------------------- waking the daemon
@@ -197,18 +209,22 @@ class Daemon:
         self.store = store.Store(home.store)
         self.units = None
         self.units_at = 0.0
+        self.units_cfg = None
         self.lease_view = None
         self.error = None
         self.taken = set()
         self.own_fds = []
+        self.waiter = None      # (read fd, write fd, lock dir): wake-ups from others' jobs
+        self.lock_dir = None
 
-    def schedule(self, fresh):
+    def schedule(self):
         """Start what can start. Returns True if some job waits for GPUs."""
         queued = [r for r in db.active(self.con) if r["state"] == "queued"]
         if not queued:
             return False
         cfg = load_config(self.home)
         lock_dir = leases.ensure_dir(paths.lock_dir(cfg["lock_dir"]))
+        self.lock_dir = lock_dir
         units = None
         blocked = False
         for row in queued:
@@ -219,7 +235,7 @@ class Daemon:
             if blocked:
                 continue
             if units is None:
-                units = self._units(cfg, lock_dir, fresh)
+                units = self._units(cfg, lock_dir)
             fds, uuids = [], []
             for u in units:
                 if len(uuids) == n:
@@ -241,15 +257,24 @@ class Daemon:
         self.taken.clear()
         return blocked
 
-    def _units(self, cfg, lock_dir, fresh):
-        """nvidia-smi's view, re-asked when woken, when a lease changed hands, or every 2 s."""
-        now = time.monotonic()
-        if self.units is not None and not fresh and now - self.units_at < 2.0:
+    def _units(self, cfg, lock_dir):
+        """nvidia-smi's view (see the module's doc for when it is asked again)."""
+        if self.units is not None and time.monotonic() - self.units_at < SNAPSHOT_MAX_AGE_S \
+                and cfg == self.units_cfg:
             view = tuple(leases.is_held(lock_dir, u["uuid"]) for u in self.units)
-            if view == self.lease_view:
+            if not any(was and not now and u["state"] != "free"
+                       for u, was, now in zip(self.units, self.lease_view, view)):
                 return self.units
-        self.units, self.error = gpu_units(cfg)
+        sessions = {r["wrapper_pid"] for r in
+                    self.con.execute("SELECT wrapper_pid FROM jobs WHERE state='running'")
+                    if r["wrapper_pid"]}
+        self.units, self.error = gpu_units(cfg, sessions)
+        if self.error is None:
+            inventory.save(self.home, inventory.key(cfg), len(self.units))
+        else:
+            inventory.forget(self.home)  # let the next submit ask, and say what is wrong
         self.units_at = time.monotonic()
+        self.units_cfg = cfg
         self.lease_view = tuple(leases.is_held(lock_dir, u["uuid"]) for u in self.units)
         return self.units
 
@@ -272,12 +297,11 @@ class Daemon:
         self.own_fds += [rfd, keep]
         signal.signal(signal.SIGTERM, lambda s, f: sys.exit(0))
         idle_since = time.monotonic()
-        fresh = True
         try:
             while True:
                 self.reap()
                 reconcile(self.con, self.home)
-                waiting = self.schedule(fresh)
+                waiting = self.schedule()
                 rows = db.active(self.con)
                 if rows:
                     idle_since = time.monotonic()
@@ -285,21 +309,43 @@ class Daemon:
                     return 0
                 if waiting:
                     timeout = 0.2
+                    self._listen_for_others()
                 elif any(r["state"] == "running" for r in rows):
                     timeout = 1.0
                 else:
                     timeout = 5.0
-                ready, _, _ = select.select([rfd], [], [], timeout)
-                fresh = bool(ready)
-                if ready:
-                    try:
-                        while os.read(rfd, 4096):
-                            pass
-                    except BlockingIOError:
-                        pass
+                fds = [rfd] + ([self.waiter[0]] if self.waiter else [])
+                ready, _, _ = select.select(fds, [], [], timeout)
+                for fd in ready:
+                    _drain(fd)
         finally:
             os.close(keep)
             os.close(rfd)
+            self._stop_listening()
+
+    def _listen_for_others(self):
+        """While jobs wait for GPUs, listen for other users' jobs freeing them (leases.py)."""
+        path = leases.waiter_path(self.lock_dir, self.home.root)
+        if self.waiter is not None and self.waiter[2] == path:
+            return
+        self._stop_listening()
+        fds = leases.open_waiter(path)
+        if fds is not None:
+            self.waiter = (fds[0], fds[1], path)
+            self.own_fds += list(fds)
+
+    def _stop_listening(self):
+        if self.waiter is None:
+            return
+        r, w, path = self.waiter
+        self.waiter = None
+        for fd in (r, w):
+            self.own_fds.remove(fd)
+            os.close(fd)
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
 
     def start(self, row, uuids, fds):
         job_id = row["id"]
@@ -318,7 +364,7 @@ class Daemon:
                 " signal=NULL, attempts=attempts+1, boot_id=? WHERE id=?",
                 (json.dumps(uuids), time.time(), fsutil.boot_id(), job_id))
         spec = {"id": job_id, "command": row["command"], "env": json.loads(row["env"] or "{}"),
-                "grace": row["grace"], "gpus": uuids}
+                "grace": row["grace"], "gpus": uuids, "lock_dir": self.lock_dir}
         home, argv = self.home, self.agent_argv
         pid = os.fork()
         if pid == 0:
@@ -351,3 +397,9 @@ class Daemon:
                 return
 
 
+def _drain(fd):
+    try:
+        while os.read(fd, 4096):
+            pass
+    except BlockingIOError:
+        pass

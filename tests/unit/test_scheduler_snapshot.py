@@ -1,0 +1,108 @@
+"""The daemon keeps nvidia-smi off the hand-off path: the compute processes of our own running
+jobs (by session id) are ours, so the GPU a job of ours just left is free in the snapshot the
+daemon already holds; anyone else's process still makes a GPU busy."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+import fakesmi
+from launcher.agent import inventory, paths, scheduler
+
+
+@pytest.fixture
+def smi(tmp_path, monkeypatch):
+    state = fakesmi.install(tmp_path / "bin")
+    monkeypatch.setenv("FAKE_NVIDIA_SMI_STATE", str(state))
+    cfg = {"mem_busy_mib": 1024, "visible": None, "lock_dir": str(tmp_path / "locks"),
+           "nvidia_smi": str(tmp_path / "bin" / "nvidia-smi")}
+    return state, cfg
+
+
+def _sleeper(new_session):
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                            start_new_session=new_session)
+
+
+def test_processes_of_our_jobs_sessions_are_ours(smi):
+    state, cfg = smi
+    job = _sleeper(new_session=True)      # a job: its wrapper made a session (sid == pid)
+    other = _sleeper(new_session=False)   # someone else's process, outside our sessions
+    try:
+        st = fakesmi.write_state(state, gpus=2, apps=[
+            {"gpu_uuid": fakesmi.gpu_uuid(0), "pid": job.pid, "process_name": "python train.py",
+             "used_memory": 30000, "live": True},
+            {"gpu_uuid": fakesmi.gpu_uuid(1), "pid": other.pid, "process_name": "python other.py",
+             "used_memory": 30000, "live": True}])
+        units, err = scheduler.gpu_units(cfg, sessions={job.pid})
+        assert err is None
+        by = {u["uuid"]: u for u in units}
+        assert by[st["gpus"][0]["uuid"]]["state"] == "free"     # ours: the lease guards it
+        assert by[st["gpus"][1]["uuid"]]["state"] == "busy"
+        assert "foreign" in by[st["gpus"][1]["uuid"]]["reason"]
+        # without the session, the same process is foreign, and its memory makes GPU 0 busy
+        units, _ = scheduler.gpu_units(cfg, sessions=set())
+        assert [u["state"] for u in units] == ["busy", "busy"]
+    finally:
+        for p in (job, other):
+            p.kill()
+            p.wait()
+
+
+def test_live_apps_vanish_with_their_process(smi):
+    state, cfg = smi
+    p = _sleeper(new_session=True)
+    fakesmi.write_state(state, gpus=1, apps=[
+        {"gpu_uuid": fakesmi.gpu_uuid(0), "pid": p.pid, "used_memory": 30000, "live": True}])
+    assert scheduler.gpu_units(cfg)[0][0]["state"] == "busy"
+    p.kill()
+    p.wait()
+    assert scheduler.gpu_units(cfg)[0][0]["state"] == "free"
+
+
+def test_gpu_count_cache_is_keyed_by_nvidia_smi_and_expires(tmp_path, smi):
+    _, cfg = smi
+    home = paths.Home(str(tmp_path / "home")).ensure()
+    k = inventory.key(cfg)
+    assert k["resolved"] == cfg["nvidia_smi"]
+    assert inventory.cached_count(home, k) is None
+    inventory.save(home, k, 4)
+    assert inventory.cached_count(home, k) == 4
+    assert inventory.cached_count(home, k, max_age=0) is None
+    other = dict(cfg, visible=["0"])
+    assert inventory.cached_count(home, inventory.key(other)) is None
+    gone = dict(cfg, nvidia_smi=str(tmp_path / "nope" / "nvidia-smi"))
+    assert inventory.key(gone)["resolved"] is None
+    inventory.forget(home)
+    assert inventory.cached_count(home, k) is None
+
+
+def test_daemon_asks_nvidia_smi_again_only_when_its_snapshot_cannot_be_trusted(tmp_path, monkeypatch):
+    from launcher.agent import leases
+    home = paths.Home(str(tmp_path / "home")).ensure()
+    lock_dir = str(tmp_path / "locks")
+    d = scheduler.Daemon(home, ["agent"])
+    calls = []
+    units = [{"uuid": "GPU-a", "state": "free"}, {"uuid": "GPU-b", "state": "busy"}]
+    monkeypatch.setattr(scheduler, "gpu_units", lambda cfg, sessions=(): (
+        calls.append(set(sessions)) or [dict(u) for u in units], None))
+    clock = [100.0]
+    monkeypatch.setattr(scheduler.time, "monotonic", lambda: clock[0])
+    cfg = {"mem_busy_mib": 1024, "visible": None, "lock_dir": lock_dir, "nvidia_smi": "nvidia-smi"}
+    a = leases.try_acquire(lock_dir, "GPU-a")   # our job on A: free in the snapshot
+    b = leases.try_acquire(lock_dir, "GPU-b")   # someone else's job on B: busy in it
+    d._units(cfg, lock_dir)
+    d._units(cfg, lock_dir)
+    assert len(calls) == 1
+    os.close(a)                                  # our job ended: its GPU is free, no new query
+    d._units(cfg, lock_dir)
+    assert len(calls) == 1
+    os.close(b)                                  # theirs ended: B was busy, so ask again
+    d._units(cfg, lock_dir)
+    assert len(calls) == 2
+    clock[0] += scheduler.SNAPSHOT_MAX_AGE_S     # too old: ask again
+    d._units(cfg, lock_dir)
+    assert len(calls) == 3
+    d._units(dict(cfg, visible=["0"]), lock_dir)  # other settings: ask again
+    assert len(calls) == 4
