@@ -1,5 +1,10 @@
 """Talking to an agent over any transport: JSON framing, protocol check, error mapping,
-agent shipping. One AgentClient per host per command."""
+agent shipping. One AgentClient per host per command.
+
+Shipping costs nothing on the hot path: where the transport can name the agent's path without
+asking the host (SSH), the agent is started there at once; only if python answers that the file
+is not there ("can't open file", exit 2) is it shipped (SFTP) and the call made again, which is
+safe because an agent that never started did nothing."""
 import json
 import threading
 
@@ -9,12 +14,18 @@ from .errors import AgentReplyError, HostError
 PROTOCOL = 1
 
 
+class _AgentMissing(Exception):
+    """The agent file is not on the host (yet): ship it and call again."""
+
+
 class AgentClient:
     def __init__(self, host, transport):
         self.host = host            # config.Host
         self.transport = transport  # transport.Transport
         self._path = None
+        self._unverified = False  # _path was named, not checked: it may not be there yet
         self._lock = threading.Lock()
+        self._pre = None          # (verb, thread, [proc or None, error or None]): prestart()
 
     @property
     def name(self):
@@ -33,28 +44,140 @@ class AgentClient:
                 "lock_dir": getattr(self.host, "lock_dir", None),
                 "nvidia_smi": getattr(self.host, "nvidia_smi", None)}
 
-    def agent_path(self):
+    def agent_path(self, verified=False):
         with self._lock:
-            if self._path is None:
+            if self._path is None or (verified and self._unverified):
                 blob, digest = agentpkg.build()
-                self._path = self.transport.ensure_agent(blob, digest)
+                guess = getattr(self.transport, "agent_path_unchecked", None)
+                if guess is not None and not verified:
+                    self._path, self._unverified = guess(digest), True
+                else:
+                    self._path, self._unverified = self.transport.ensure_agent(blob, digest), False
             return self._path
 
+    def _ship(self):
+        with self._lock:
+            blob, digest = agentpkg.build()
+            self._path, self._unverified = self.transport.ensure_agent(blob, digest), False
+
+    def _shipping(self, fn):
+        """fn() once; if it found no agent on the host, ship it and fn() again."""
+        try:
+            return fn()
+        except _AgentMissing:
+            self._ship()
+            return fn()
+
+    def prestart(self, verb):
+        """Start the agent for `verb` now, in the background: connecting, the exec and Python's
+        start-up on the host then overlap with what the caller does meanwhile (submit hashes
+        the tree); the agent waits for its request on stdin. The next call of `verb` uses it."""
+        if self._pre is not None:
+            return
+        box = [None, None]
+
+        def run():
+            try:
+                box[0] = self.transport.start([self.transport.python, self.agent_path(), verb])
+            except BaseException as e:  # noqa: BLE001 - handed to the call that uses it
+                box[1] = e
+
+        t = threading.Thread(target=run, name="rtrain-prestart-%s" % self.name, daemon=True)
+        self._pre = (verb, t, box)
+        t.start()
+
+    def _take_prestarted(self, verb):
+        pre, self._pre = self._pre, None
+        if pre is None:
+            return None
+        pre_verb, t, box = pre
+        t.join()
+        if box[1] is not None:
+            raise box[1]
+        if pre_verb != verb:
+            box[0].kill()
+            return None
+        return box[0]
+
     def _start(self, verb, req):
-        proc = self.transport.start([self.transport.python, self.agent_path(), verb])
+        proc = self._take_prestarted(verb)
+        if proc is None:
+            proc = self.transport.start([self.transport.python, self.agent_path(), verb])
         body = dict(self.base_request())
         body.update(req)
-        proc.write(json.dumps(body).encode("utf-8") + b"\n")
+        try:
+            proc.write(json.dumps(body).encode("utf-8") + b"\n")
+        except (HostError, OSError) as e:
+            # the process may be gone already (a prestarted one above all): say why if it can
+            try:
+                rc = proc.wait()
+                err = proc.stderr().strip()
+            except Exception:  # noqa: BLE001 - the write's error stands
+                raise e
+            if self._unverified and _missing_signature(rc, err):
+                raise _AgentMissing()
+            if rc is not None and rc >= 0:
+                raise self._no_reply(rc, err, verb)
+            raise
         return proc
 
     def call(self, verb, req=None, payload=None):
         """Run one verb; return its result dict or raise AgentReplyError / HostError.
         `payload` is an iterable of bytes sent after the request line."""
+        if payload is not None:
+            self.agent_path(verified=True)  # a payload cannot be sent twice
+        return self._shipping(lambda: self._call(verb, req, payload))
+
+    def exchange(self, verb, req, respond):
+        """Run a verb that may ask for more mid-way: each frame it writes before its reply (a
+        JSON line without "protocol") goes to respond(frame), which returns an iterable of bytes
+        to send back on its stdin. stdin stays open until the reply (the agent takes a closed
+        one as the client having gone away). Returns the result, or raises like call()."""
+        return self._shipping(lambda: self._exchange(verb, req, respond))
+
+    def _exchange(self, verb, req, respond):
+        proc = self._start(verb, req or {})
+        try:
+            while True:
+                line = proc.readline()
+                if not line.endswith(b"\n"):  # EOF, or a line cut short by a dropped connection
+                    return self._reply(proc, b"", verb)  # raises with what we know
+                try:
+                    frame = json.loads(line)
+                except ValueError:
+                    return self._reply(proc, line, verb)  # raises: not JSON
+                if not isinstance(frame, dict) or "protocol" in frame:
+                    break
+                for chunk in respond(frame):
+                    try:
+                        proc.write(chunk)
+                    except (HostError, OSError):
+                        # the agent stopped reading: if it failed (disk full...), its reply says why
+                        line = _readline_quietly(proc)
+                        if not line:
+                            raise
+                        return self._reply(proc, line, verb)
+        except BaseException:
+            proc.kill()
+            raise
+        try:
+            return self._reply(proc, line, verb)
+        finally:
+            proc.close_stdin()
+
+    def _call(self, verb, req, payload):
         proc = self._start(verb, req or {})
         try:
             if payload is not None:
                 for chunk in payload:
-                    proc.write(chunk)
+                    try:
+                        proc.write(chunk)
+                    except (HostError, OSError):
+                        # the agent stopped reading: if it failed (disk full...), its reply says why
+                        line = _readline_quietly(proc)
+                        if not line:
+                            raise
+                        return self._reply(proc, line, verb)
             proc.close_stdin()
             line = proc.readline()
         except BaseException:
@@ -65,13 +188,31 @@ class AgentClient:
     def stream(self, verb, req=None):
         """Yield frames of a streaming verb; the final reply's result is yielded last as
         {"final": result}. Raises AgentReplyError / HostError."""
+        gen = self._stream(verb, req)
+        try:
+            try:
+                first = next(gen)
+            except _AgentMissing:  # nothing was yielded: calling again is safe
+                gen.close()
+                self._ship()
+                gen = self._stream(verb, req)
+                first = next(gen)
+            yield first
+            for frame in gen:
+                yield frame
+        except StopIteration:
+            return
+        finally:
+            gen.close()
+
+    def _stream(self, verb, req=None):
         proc = self._start(verb, req or {})
         proc.close_stdin()
         try:
             while True:
                 line = proc.readline()
-                if not line:
-                    self._reply(proc, line, verb)  # raises with what we know
+                if not line.endswith(b"\n"):  # EOF, or a frame cut short by a dropped connection
+                    self._reply(proc, b"", verb)  # raises with what we know
                     return
                 frame = json.loads(line)
                 if "protocol" in frame:
@@ -85,6 +226,8 @@ class AgentClient:
         if not line:
             rc = proc.wait()
             err = proc.stderr().strip()
+            if self._unverified and _missing_signature(rc, err):
+                raise _AgentMissing()
             raise self._no_reply(rc, err, verb)
         try:
             reply = json.loads(line)
@@ -106,9 +249,24 @@ class AgentClient:
         last = err.splitlines()[-1] if err else ""
         if rc == 127 or "not found" in last and py in last:
             return HostError(self.name, "%s not found on the host" % py,
-                             "install Python >= 3.8 there, or set `python:` for this host in hosts.yaml")
+                             "install Python >= 3.8 there, or set `python:` for this host in hosts.yaml",
+                             check="python")
         if "SyntaxError" in err or "ModuleNotFoundError" in err or "ImportError" in err:
             return HostError(self.name, "%s on the host cannot run the agent (%s)" % (py, last),
-                             "rtrain needs Python >= 3.8 there; set `python:` in hosts.yaml")
+                             "rtrain needs Python >= 3.8 there; set `python:` in hosts.yaml",
+                             check="python")
         return HostError(self.name, "the agent's %s call ended without a reply (exit %s)%s" % (
             verb, rc, (": " + last) if last else ""), "run `rtrain hosts` to check the host; --debug shows more")
+
+
+def _readline_quietly(proc):
+    try:
+        return proc.readline()
+    except (HostError, OSError):
+        return b""
+
+
+def _missing_signature(rc, err):
+    # python3 names a script it cannot find like this (3.8 to 3.13), and exits with 2
+    return rc == 2 and "can't open file" in err and "agent-" in err
+

@@ -112,6 +112,8 @@ def submit(session, argv, host=None, gpus=0, name=None, priority=0, retries=0, e
             host = place(session, gpus, events)
     h = session.cfg.get(host)
     root = os.path.abspath(root)
+    client = session.client(host)
+    client.prestart("submit")  # connect and start the agent while the tree is listed and hashed
     manifest = sync.build_manifest(root)
     for w in manifest.get("warnings", []):
         events("warning", w)
@@ -123,44 +125,57 @@ def submit(session, argv, host=None, gpus=0, name=None, priority=0, retries=0, e
             raise RtrainError("the tree to sync is %.0f MB, over the %d MB limit for %s" % (
                 manifest["total_size"] / 1e6, limit // (1024 * 1024), host),
                 "add large files to .gitignore or .rtrainignore, or pass --yes to send it anyway")
-    client = session.client(host)
+    # One agent call does it all (docs/contracts.md, verb submit with "upload"): the agent
+    # answers with the hashes it lacks, we send those blobs on the same channel, and it queues
+    # the job only once its snapshot is complete and we are still there to hear of it.
     req = {"manifest": {"entries": manifest["entries"], "git": manifest.get("git")},
            "command": command, "gpus": int(gpus), "name": name, "priority": int(priority),
            "retries": int(retries), "env": dict(dict(getattr(h, "env", ()) or ()), **dict(env or {})),
-           "token": uuid.uuid4().hex,
+           "token": uuid.uuid4().hex, "upload": True,
            "sched": client.sched()}
-    for attempt in range(3):
-        try:
-            res = client.call("submit", req)
-            break
-        except AgentReplyError as e:
-            if e.code != "missing_blobs" or attempt == 2:
-                raise
-            _upload(client, root, manifest, e.data or [], progress, events)
+
+    def respond(frame):
+        if "missing" not in frame:
+            return ()
+        return _upload(root, manifest, frame["missing"] or [], progress, events)
+
+    res = client.exchange("submit", req, respond)
     job = _decorate(session, host, res["job"])
     job["uploaded"] = manifest.get("_uploaded", 0)
     return job
 
 
-def _upload(client, root, manifest, hashes, progress, events):
+def _upload(root, manifest, hashes, progress, events):
+    """The blob stream (bytes chunks) for `hashes`, reporting progress as it goes."""
     from . import sync
     sizes = {}
     for e in manifest["entries"]:
         if e.get("type") == "file":
             sizes[e["hash"]] = e["size"]
-    total = sum(sizes.get(x, 0) for x in hashes)
+    total = sum(sizes.get(x, 0) for x in set(hashes))
     events("upload", {"files": len(hashes), "bytes": total})
-    sent = [0]
-
-    def frames():
-        for chunk in sync.iter_blob_frames(root, manifest, hashes):
-            sent[0] += len(chunk)
+    sent = 0
+    buf, held = [], 0
+    for chunk in sync.iter_blob_frames(root, manifest, hashes):
+        buf.append(chunk)
+        held += len(chunk)
+        if held >= _SEND_BATCH:  # many small files: one write (and SSH packets) per batch
+            data = b"".join(buf)
+            buf, held = [], 0
+            yield data
+            sent += len(data)
             if progress:
-                progress(sent[0], total)
-            yield chunk
-
-    client.call("put", {}, payload=frames())
+                progress(sent, total)
+    if buf:
+        data = b"".join(buf)
+        yield data
+        sent += len(data)
+        if progress:
+            progress(sent, total)
     manifest["_uploaded"] = manifest.get("_uploaded", 0) + total
+
+
+_SEND_BATCH = 256 * 1024
 
 
 def place(session, gpus, events):
@@ -248,51 +263,150 @@ def gpus(session, host=None):
 
 # ------------------------------------------------------------------ logs
 
-def logs(session, ref, follow=False, tail=None, retry_for=None, sleep=time.sleep):
-    """Yield ("data", bytes), ("reconnecting", attempt, error, delay), ("end", job) events.
-    Resumes from the byte offset reached when the connection drops."""
+LOGS_HEARTBEAT_S = 2.0   # the agent says "still here" this often while a followed log is quiet
+LOGS_STALL_S = 15.0      # nothing at all for this long: the network died silently; reconnect
+CONNECT_STALL_FACTOR = 4  # ... and this many times that before the first frame of a connection
+
+
+def logs(session, ref, follow=False, tail=None, retry_for=None, sleep=time.sleep, stall_after=None):
+    """Yield ("data", bytes), ("reconnecting", attempt, error, delay), ("resumed",) and last
+    ("end", job) events. While following, a dropped connection is retried with backoff and the
+    stream resumes from the byte offset reached: no byte twice, none missing. A connection that
+    goes silent (no data and no heartbeat for `stall_after` seconds, RTRAIN_LOGS_STALL_S) counts
+    as dropped: without a RST, TCP alone would wait many minutes to notice."""
+    import base64
     host, n, _ = session.find(ref)
+    if stall_after is None:
+        stall_after = float(os.environ.get("RTRAIN_LOGS_STALL_S") or LOGS_STALL_S)
     offset = None
     attempt = 0
     started = time.monotonic()
-    while True:
-        req = {"id": n, "follow": bool(follow)}
-        if offset is None:
-            if tail is not None:
-                req["tail_lines"] = int(tail)
-        else:
-            req["offset"] = offset
-        try:
-            for frame in session.client(host).stream("logs", req):
-                if "final" in frame:
-                    fin = frame["final"]
-                    yield ("end", {"id": session.job_id(host, n), "host": host, **fin})
-                    return
-                if "d" in frame:
-                    import base64
-                    data = base64.b64decode(frame["d"])
-                    if offset is None or frame["o"] == offset:
-                        offset = frame["o"] + len(data)
+    watchdog = _Watchdog(stall_after)
+    try:
+        while True:
+            req = {"id": n, "follow": bool(follow), "heartbeat": LOGS_HEARTBEAT_S}
+            if offset is None:
+                if tail is not None:
+                    req["tail_lines"] = int(tail)
+            else:
+                req["offset"] = offset
+            try:
+                client = session.client(host)
+                # until the first frame, the connection is still being made (SSH handshake, agent
+                # start-up on a busy host): allow more, lest a slow start be taken for a dead one
+                watchdog.arm(getattr(getattr(client, "transport", None), "close", None),
+                             limit=CONNECT_STALL_FACTOR * stall_after)
+                for frame in client.stream("logs", req):
+                    watchdog.pet()
+                    if attempt:
                         attempt = 0
-                        yield ("data", data)
-                    elif frame["o"] < offset < frame["o"] + len(data):
-                        data = data[offset - frame["o"]:]
-                        offset += len(data)
-                        yield ("data", data)
-                elif "hb" in frame:
-                    if offset is None:
-                        offset = frame["hb"]
-                    attempt = 0
-        except HostError as e:
-            if not follow:
-                raise
-            attempt += 1
-            if retry_for is not None and time.monotonic() - started > retry_for:
-                raise
-            delay = min(10.0, 0.5 * (2 ** (attempt - 1)))
-            yield ("reconnecting", attempt, e, delay)
-            session.reset(host)
-            sleep(delay)
+                        yield ("resumed",)
+                    if "final" in frame:
+                        fin = frame["final"]
+                        yield ("end", {"id": session.job_id(host, n), "host": host, **fin})
+                        return
+                    if "d" in frame:
+                        data = base64.b64decode(frame["d"])
+                        o = frame["o"]
+                        if offset is None:
+                            offset = o
+                        if o > offset:
+                            raise RtrainError("log stream from %s skipped bytes %d-%d" % (host, offset, o),
+                                              "run the command again; this is a bug worth reporting")
+                        data = data[offset - o:]
+                        if data:
+                            offset += len(data)
+                            watchdog.paused = True  # a slow terminal is not a dead network
+                            try:
+                                yield ("data", data)
+                            finally:
+                                watchdog.paused = False
+                                watchdog.pet()
+                    elif "hb" in frame:
+                        if offset is None:
+                            offset = frame["hb"]
+            except HostError as e:
+                if watchdog.fired:
+                    e = HostError(host, "no word from the host for %gs" % watchdog.fired,
+                                  "check the network; RTRAIN_LOGS_STALL_S sets the limit")
+                if not follow:
+                    raise e
+                attempt += 1
+                if retry_for is not None and time.monotonic() - started > retry_for:
+                    raise e
+                delay = min(10.0, 0.5 * (2 ** (attempt - 1)))
+                yield ("reconnecting", attempt, e, delay)
+                session.reset(host)
+                sleep(delay)
+            finally:
+                watchdog.disarm()
+    finally:
+        watchdog.stop()
+
+
+class _Watchdog:
+    """Calls `closer` (the connection's close) when no frame came for `limit` seconds while
+    armed (a longer limit, given to arm(), until the first frame); the blocked read then fails
+    and logs() reconnects. Paused while the caller holds a yielded event (a slow terminal is
+    not a dead network). `fired` is the limit that ran out, or False."""
+
+    def __init__(self, limit):
+        import threading
+        self.limit = float(limit)
+        self._limit = self.limit  # the limit now: longer until the first frame
+        self._cv = threading.Condition()
+        self._closer = None
+        self._last = time.monotonic()
+        self.paused = False   # set while the caller holds a yielded event
+        self._stopped = False
+        self.fired = False
+        self._thread = None
+        self._threading = threading
+
+    def arm(self, closer, limit=None):
+        with self._cv:
+            self._closer = closer
+            self._limit = self.limit if limit is None else max(self.limit, float(limit))
+            self._last = time.monotonic()
+            self.fired = False
+            if closer is not None and self._thread is None and self.limit > 0:
+                self._thread = self._threading.Thread(target=self._run, name="rtrain-logs-watchdog",
+                                                      daemon=True)
+                self._thread.start()
+
+    def pet(self):
+        self._last = time.monotonic()
+        self._limit = self.limit
+
+    def disarm(self):
+        with self._cv:
+            self._closer = None
+
+    def stop(self):
+        with self._cv:
+            self._stopped = True
+            self._closer = None
+            self._cv.notify_all()
+
+    def _run(self):
+        tick = max(0.05, min(1.0, self.limit / 5))
+        while True:
+            with self._cv:
+                if self._stopped:
+                    return
+                self._cv.wait(tick)
+                closer = None
+                if (self._closer is not None and not self.paused
+                        and time.monotonic() - self._last > self._limit):
+                    # fire again after another `limit` if this did not end the attempt (the
+                    # connection was still being made, say)
+                    closer, self._last = self._closer, time.monotonic()
+                    self.fired = self._limit
+            if closer is not None:
+                try:
+                    closer()
+                except Exception:  # noqa: BLE001 - closing a dead connection is best effort
+                    pass
 
 
 # ------------------------------------------------------------------ pull
@@ -344,7 +458,9 @@ def doctor(session, host=None):
             hello = c.call("hello", {"sched": c.sched()})
         except HostError as e:
             kind = "ssh" if h.kind == "ssh" else "agent"
-            out.append({"name": kind, "ok": False, "detail": e.message, "fix": e.hint})
+            if e.check and h.kind == "ssh":  # ssh itself worked: say which part failed
+                out.append({"name": "ssh", "ok": True, "detail": "%s reached" % h.ssh, "fix": ""})
+            out.append({"name": e.check or kind, "ok": False, "detail": e.detail, "fix": e.hint})
             return out
         if h.kind == "ssh":
             out.append({"name": "ssh", "ok": True, "detail": "%s reached in %.0f ms" % (
@@ -371,11 +487,14 @@ def doctor(session, host=None):
         except RtrainError as e:
             out.append({"name": "nvidia-smi", "ok": False, "detail": e.message, "fix": e.hint})
         free = hello.get("disk_free")
-        ok = hello.get("home_writable") and (free is None or free > 1 << 30)
-        out.append({"name": "disk", "ok": bool(ok), "detail": "%s: %s%s" % (
-            hello["home"], "not writable (%s)" % hello.get("home_problem") if not hello.get("home_writable")
+        writable = bool(hello.get("home_writable"))
+        # not writable: nothing works; under 1 GiB free: works until a snapshot or log fills it
+        low = writable and free is not None and free < 1 << 30
+        out.append({"name": "disk", "ok": None if low else writable, "detail": "%s: %s%s" % (
+            hello["home"], "not writable (%s)" % hello.get("home_problem") if not writable
             else "writable", "" if free is None else ", %.1f GB free" % (free / 1e9)),
-            "fix": "" if ok else "free some space or set `home:` in hosts.yaml to a larger disk"})
+            "fix": "make it writable by you, or set `home:` in hosts.yaml" if not writable else
+            "free some space or set `home:` in hosts.yaml to a larger disk" if low else ""})
         return out
 
     return [(name, res if err is None else [{"name": "ssh" if session.cfg.get(name).kind == "ssh"

@@ -77,23 +77,26 @@ def cmd_logs(args, session_factory):
 
 
 def _follow(session, ref, tail, follow=True, quiet=False):
+    """Print a job's log as it comes, byte for byte. Following, return the job's exit code when
+    it ends (1 when it has none: lost, or killed by a signal it reports none for), 130 on Ctrl-C
+    (the job goes on)."""
     from . import app
     out = sys.stdout.buffer
-    reconnecting = False
     try:
         for ev in app.logs(session, ref, follow=follow, tail=tail):
-            if ev[0] == "data":
-                if reconnecting:
-                    sys.stderr.write("rtrain: reconnected\n")
-                    reconnecting = False
+            kind = ev[0]
+            if kind == "data":
                 out.write(ev[1])
                 out.flush()
-            elif ev[0] == "reconnecting":
+            elif kind == "reconnecting":
                 _, attempt, e, delay = ev
-                reconnecting = True
                 sys.stderr.write("rtrain: connection lost (%s); reconnecting in %.1fs (attempt %d)\n" % (
                     e.message, delay, attempt))
-            elif ev[0] == "end":
+                sys.stderr.flush()
+            elif kind == "resumed":
+                sys.stderr.write("rtrain: reconnected\n")
+                sys.stderr.flush()
+            elif kind == "end":
                 fin = ev[1]
                 if not follow:
                     return 0
@@ -106,6 +109,10 @@ def _follow(session, ref, tail, follow=True, quiet=False):
                 code = fin.get("exit_code")
                 return code if isinstance(code, int) and 0 < code < 256 else 1
     except KeyboardInterrupt:
+        try:
+            out.flush()
+        except (OSError, ValueError):
+            pass
         sys.stderr.write("\nrtrain: detached; the job goes on (rtrain logs %s -f to resume)\n" % ref)
         return EXIT_INTERRUPTED
     return 0
@@ -146,9 +153,10 @@ def cmd_gpus(args, session_factory):
             if res.get("error"):
                 out.append({"host": host, "error": res["error"]["message"]})
         print(json.dumps(out, indent=2))
-        return 0
-    render.gpu_table(results)
-    return 0 if all(err is None for _, _, err in results) else 1
+    else:
+        render.gpu_table(results)
+    # an unreachable host or a failing nvidia-smi is an error; no nvidia-smi at all is not
+    return 0 if all(err is None and not res.get("error") for _, res, err in results) else 1
 
 
 def cmd_pull(args, session_factory):

@@ -27,9 +27,11 @@ class ConfigError(RtrainError):
 class HostError(RtrainError):
     """A host cannot be reached, refuses us, or lacks what the agent needs."""
 
-    def __init__(self, host, message, hint=""):
+    def __init__(self, host, message, hint="", check=None):
         super().__init__("%s: %s" % (host, message), hint)
         self.host = host
+        self.detail = message  # without the host's name
+        self.check = check     # which `rtrain hosts` check failed: None (ssh), "python", "disk"
 
 
 class JobNotFound(RtrainError):

@@ -113,16 +113,20 @@ def gpu_table(results):
     t = Table(box=None, pad_edge=False, header_style="bold")
     for col in ("HOST", "GPU", "NAME", "MEMORY", "UTIL", "STATE", "HELD BY", "UUID"):
         t.add_column(col)
+    notes = []  # long messages go under the table, whole, rather than wrapped in a cell
     for host, res, err in results:
         if err is not None:
-            t.add_row(host, "-", "[red]unreachable[/]", "", "", "[red]unknown[/]", err.message, "")
+            t.add_row(host, "-", "[red]unreachable[/]", "", "", "[red]unknown[/]", "see below", "")
+            notes.append("[red]%s[/]%s" % (_esc(err.message), "" if not err.hint else
+                                           "\n  hint: %s" % _esc(err.hint)))
             continue
         if res.get("error"):
-            t.add_row(host, "-", "[red]nvidia-smi failed[/]", "", "", "[red]unknown[/]",
-                      res["error"]["message"], "")
+            t.add_row(host, "-", "[red]nvidia-smi failed[/]", "", "", "[red]unknown[/]", "see below", "")
+            notes.append("[red]%s: %s[/]" % (_esc(host), _esc(res["error"]["message"])))
         elif not res["gpus"]:
-            t.add_row(host, "-", "no GPUs" + ("" if res.get("nvidia_smi_found", True) else
-                                              " (nvidia-smi not found)"), "", "", "", "", "")
+            t.add_row(host, "-", "no GPUs", "", "", "", "", "")
+            if not res.get("nvidia_smi_found", True):
+                notes.append("%s: nvidia-smi not found, so no GPUs (CPU jobs run)" % _esc(host))
         for u in res["gpus"]:
             mem = "-" if u.get("memory_total") is None else "%s/%s MiB" % (
                 "?" if u.get("memory_used") is None else u["memory_used"], u["memory_total"])
@@ -131,6 +135,13 @@ def gpu_table(results):
             held = u.get("holder") or (u.get("reason") or "")
             t.add_row(host, str(u["index"]), u["name"], mem, util, state, held, u["uuid"])
     con.print(t)
+    for n in notes:
+        con.print(n, soft_wrap=True)
+
+
+def _esc(text):
+    from rich.markup import escape
+    return escape(str(text))
 
 
 def clear():

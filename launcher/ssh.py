@@ -2,10 +2,13 @@
 call. Host keys are checked against known_hosts (RejectPolicy); `accept_new_host_key` adds an
 unknown key like OpenSSH's StrictHostKeyChecking=accept-new and never replaces a changed one.
 Every argv element is shell-quoted: the only unquoted shell text rtrain sends is none at all."""
+import errno
 import logging
 import os
 import shlex
 import socket
+import sys
+import threading
 
 from .errors import HostError
 from .transport import AgentProcess, Transport
@@ -15,6 +18,42 @@ from .transport import AgentProcess, Transport
 _log = logging.getLogger("paramiko")
 _log.addHandler(logging.NullHandler())
 _log.propagate = False
+
+
+def _paramiko():
+    """import paramiko, without the ~40 ms of `invoke` (and asyncio, unittest.mock...) that
+    paramiko.config imports for one rare feature, `Match exec` in ~/.ssh/config: when the
+    config has none, paramiko is imported with invoke blocked (it then leaves that feature
+    off, which nothing here uses). invoke itself stays importable afterwards."""
+    if _loaded:
+        return _loaded[0]
+    with _import_lock:  # hosts are reached from several threads at once
+        if not _loaded:
+            block = "paramiko" not in sys.modules and "invoke" not in sys.modules \
+                and not _config_uses_match_exec()
+            if block:
+                sys.modules["invoke"] = None  # makes `import invoke` raise ImportError
+            try:
+                import paramiko
+            finally:
+                if block and sys.modules.get("invoke", 0) is None:
+                    del sys.modules["invoke"]
+            _loaded.append(paramiko)
+    return _loaded[0]
+
+
+_loaded = []
+_import_lock = threading.Lock()
+
+
+def _config_uses_match_exec():
+    try:
+        with open(_ssh_config_path(), "rb") as f:
+            text = f.read().lower()
+    except OSError:
+        return False
+    return b"exec" in text and any(line.lstrip().startswith(b"match") and b"exec" in line
+                                   for line in text.splitlines())
 
 
 def _ssh_config_path():
@@ -51,7 +90,7 @@ class Resolved:
     """Where and how to connect, after ~/.ssh/config."""
 
     def __init__(self, host_cfg):
-        import paramiko
+        paramiko = _paramiko()
         user, alias, port = parse_target(host_cfg.ssh)
         conf = {}
         path = _ssh_config_path()
@@ -100,7 +139,7 @@ class _AcceptNew:
 
 def _known_line(path, name):
     """Line number of `name`'s entry in a known_hosts file (hashed entries included), or None."""
-    import paramiko
+    paramiko = _paramiko()
     try:
         with open(path) as f:
             for n, line in enumerate(f, 1):
@@ -178,12 +217,14 @@ class SSHTransport(Transport):
         self._client = None
         self._jump = None
         self._home = None
+        self._gen = 0  # close() counts up: a connect that close() overtook is dropped
 
     # -------------------------------------------------------------- connecting
     def _connect(self):
         if self._client is not None:
             return self._client
-        import paramiko
+        gen = self._gen
+        paramiko = _paramiko()
         r = Resolved(self.cfg)
         sock = None
         if r.proxy_jump:
@@ -242,6 +283,9 @@ class SSHTransport(Transport):
                             "check the network and `ssh:` in hosts.yaml")
         t = client.get_transport()
         t.set_keepalive(15)
+        if gen != self._gen:  # closed while we connected (from another thread): not wanted
+            client.close()
+            raise HostError(self.name, "connection closed", "run the command again")
         self._client = client
         return client
 
@@ -270,8 +314,17 @@ class SSHTransport(Transport):
         err = chan.makefile_stderr("rb").read()
         return chan.recv_exit_status(), out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
 
+    def agent_path_unchecked(self, digest):
+        """Where ensure_agent puts the agent, named without asking the host (`~/` is expanded
+        by the remote shell: _quote leaves it unquoted). No round trip on the hot path; the
+        client ships the agent only when python3 there cannot open this file."""
+        home = self.agent_home()
+        if home == "~":
+            home = "~/"
+        return "%s/agent/agent-%s.pyz" % (home.rstrip("/"), digest[:16])
+
     def ensure_agent(self, blob, digest):
-        import paramiko
+        paramiko = _paramiko()
         client = self._connect()
         sftp = client.open_sftp()
         try:
@@ -286,10 +339,10 @@ class SSHTransport(Transport):
                     return path
             except IOError:
                 pass
+            tmp = "%s.tmp%d" % (path, os.getpid())
             try:
                 _mkdirs(sftp, home, 0o700)
                 _mkdirs(sftp, home + "/agent", 0o700)
-                tmp = "%s.tmp%d" % (path, os.getpid())
                 with sftp.open(tmp, "wb") as f:
                     f.write(blob)
                 sftp.chmod(tmp, 0o600)
@@ -298,12 +351,45 @@ class SSHTransport(Transport):
                 except IOError:
                     sftp.rename(tmp, path)
             except (IOError, paramiko.SSHException) as e:
-                raise HostError(self.name, "RTRAIN_HOME %s on %s is not writable: %s" % (
-                    home, self.cfg.ssh, getattr(e, "strerror", None) or e),
-                    "make it writable or set `home:` for this host in hosts.yaml")
+                try:
+                    sftp.remove(tmp)
+                except (IOError, paramiko.SSHException):
+                    pass
+                raise self._home_error(home, e, len(blob))
             return path
         finally:
             sftp.close()
+
+    def _home_error(self, home, e, need):
+        """Why RTRAIN_HOME can't take the agent. SFTP says only "Failure" for a full disk (it has
+        no errno for it), so ask `df` how much room there is before calling it not writable."""
+        if getattr(e, "errno", None) not in (errno.EACCES, errno.EPERM):
+            free = self._free_bytes(home)
+            if free is not None and free < need + (64 << 10):
+                return HostError(self.name, "no space left on the device holding %s (%d KiB free)" % (
+                    home, free >> 10), "free some space there (old jobs live in %s/jobs), or set "
+                    "`home:` for this host in hosts.yaml to a larger disk" % home, check="disk")
+        return HostError(self.name, "RTRAIN_HOME %s on %s is not writable: %s" % (
+            home, self.cfg.ssh, getattr(e, "strerror", None) or e),
+            "make it writable or set `home:` for this host in hosts.yaml", check="disk")
+
+    def _free_bytes(self, path):
+        """Bytes available on the file system holding path (or its nearest existing parent)."""
+        import posixpath
+        for _ in range(64):
+            try:
+                rc, out, _err = self._run(["df", "-Pk", path])
+            except Exception:  # noqa: BLE001 - only a better message is at stake
+                return None
+            if rc == 0:
+                import re
+                m = re.search(r"\s(\d+)\s+(\d+)\s+(\d+)\s+\d+%\s", (out.strip().splitlines() or [""])[-1] + " ")
+                return int(m.group(3)) * 1024 if m else None
+            parent = posixpath.dirname(path.rstrip("/"))
+            if not parent or parent == path:
+                return None
+            path = parent
+        return None
 
     def start(self, argv, env=None):
         cmd = " ".join(_quote(a) for a in argv)
@@ -321,6 +407,7 @@ class SSHTransport(Transport):
         return _Channel(chan, self.name)
 
     def close(self):
+        self._gen += 1
         for c in (self._client, self._jump):
             if c is not None:
                 try:
@@ -347,5 +434,8 @@ def _mkdirs(sftp, path, mode):
     try:
         sftp.mkdir(path, mode)
         sftp.chmod(path, mode)
-    except IOError:
-        sftp.stat(path)  # made by a concurrent rtrain: fine; else the error stands
+    except IOError as e:
+        try:
+            sftp.stat(path)  # made by a concurrent rtrain: fine
+        except IOError:
+            raise e  # else the mkdir's error (permission denied...) stands, not "no such file"

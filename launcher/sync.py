@@ -62,10 +62,49 @@ def git_info(root):
     root = os.path.abspath(root)
     if not _in_git_work_tree(root):
         return None
-    head = _git(root, "rev-parse", "--verify", "-q", "HEAD^{commit}", check=False)
-    commit = head.decode("ascii").strip() if head else None
-    st = _git(root, "status", "--porcelain", "-z", "--untracked-files=normal", "--", ".")
-    return {"commit": commit or None, "dirty": bool(st)}
+    return _GitStatus(root).result()
+
+
+class _GitStatus(object):
+    """`git status --porcelain=v2 --branch` for root, started at once and read later, so it
+    runs while the tree is listed and hashed: HEAD from its branch.oid header, dirty if it
+    lists any entry (untracked-not-ignored included), limited to root."""
+
+    def __init__(self, root):
+        self.proc = None
+        try:
+            self.proc = subprocess.Popen(
+                ["git", "-C", root, "status", "--porcelain=v2", "--branch", "-z",
+                 "--untracked-files=normal", "--", "."],
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                env=_git_env())
+        except OSError:
+            self.proc = None
+        self.root = root
+
+    def result(self):
+        if self.proc is None:
+            raise SyncError("git status failed in %s: git not found" % self.root)
+        out, err = self.proc.communicate()
+        if self.proc.returncode != 0:
+            raise SyncError("git status failed in %s: %s" % (
+                self.root, err.decode("utf-8", "replace").strip()))
+        commit, dirty = None, False
+        for rec in out.split(b"\0"):
+            if rec.startswith(b"# branch.oid "):
+                oid = rec[len(b"# branch.oid "):].strip().decode("ascii", "replace")
+                commit = oid if oid != "(initial)" else None
+            elif rec and not rec.startswith(b"#"):
+                dirty = True
+        return {"commit": commit, "dirty": dirty}
+
+    def cancel(self):
+        if self.proc is not None and self.proc.returncode is None:
+            try:
+                self.proc.kill()
+                self.proc.communicate()
+            except OSError:
+                pass
 
 
 # ---------------------------------------------------------------------------- ignore rules
@@ -128,7 +167,7 @@ def _rtrainignore_filter(root, paths):
 
 # ---------------------------------------------------------------------------- selection
 
-def _select_git(root, warnings):
+def _select_git(root, warnings, stats=None):
     out = _git(root, "ls-files", "-z", "--cached", "--others", "--exclude-standard")
     paths = set()
     for raw in out.split(b"\0"):
@@ -146,6 +185,8 @@ def _select_git(root, warnings):
             warnings.append("skipped submodule %s: submodules are not synced" % rel)
             continue
         paths.add(rel)
+        if stats is not None:
+            stats[rel] = st
     return paths
 
 
@@ -182,13 +223,21 @@ def _select_walk(root, warnings):
 
 def select_files(root):
     """(paths, warnings): sorted relative POSIX paths of the files to sync (see module doc)."""
-    root = os.path.abspath(root)
+    paths, warnings, _stats, _git_root = _select(os.path.abspath(root))
+    return paths, warnings
+
+
+def _select(root, in_git=None, stats=None):
+    """select_files, plus the lstat of each path where it was taken, and whether root is in a
+    git work tree."""
     warnings = []
-    if _in_git_work_tree(root):
-        paths = _select_git(root, warnings)
+    if in_git is None:
+        in_git = _in_git_work_tree(root)
+    if in_git:
+        paths = _select_git(root, warnings, stats)
     else:
         paths = _select_walk(root, warnings)
-    return _rtrainignore_filter(root, sorted(paths)), warnings
+    return _rtrainignore_filter(root, sorted(paths)), warnings, stats, in_git
 
 
 # ---------------------------------------------------------------------------- hash cache
@@ -202,11 +251,15 @@ def default_cache_path():
 
 class _HashCache(object):
     """(absolute path, size, mtime_ns, inode) -> sha256, in SQLite. Falls back to memory
-    when the file cannot be used: a broken cache must never break a submit."""
+    when the file cannot be used: a broken cache must never break a submit. The rows of one
+    tree are read in one query (load) and the changes written in one transaction (close)."""
 
     def __init__(self, path):
         import sqlite3
         self.con = None
+        self.rows = {}
+        self.loaded = False
+        self.new = []
         d = os.path.dirname(path)
         try:
             if not os.path.isdir(d):
@@ -224,27 +277,50 @@ class _HashCache(object):
         self.con.execute("CREATE TABLE IF NOT EXISTS hashes (path TEXT PRIMARY KEY, size INTEGER,"
                          " mtime_ns INTEGER, inode INTEGER, sha256 TEXT)")
 
+    @staticmethod
+    def _range(root):
+        return root.rstrip("/") + "/", root.rstrip("/") + "0"  # '0' sorts right after '/'
+
+    def load(self, root):
+        """Read every row below root into memory."""
+        import sqlite3
+        try:
+            cur = self.con.execute("SELECT path, size, mtime_ns, inode, sha256 FROM hashes "
+                                   "WHERE path >= ? AND path < ?", self._range(root))
+            self.rows = {r[0]: r[1:] for r in cur.fetchall()}
+            self.loaded = True
+        except sqlite3.Error:
+            self.rows = {}
+
     def get(self, path, st):
-        row = self.con.execute("SELECT size, mtime_ns, inode, sha256 FROM hashes WHERE path=?",
-                               (path,)).fetchone()
+        if self.loaded:
+            row = self.rows.get(path)
+        else:
+            row = self.con.execute("SELECT size, mtime_ns, inode, sha256 FROM hashes WHERE path=?",
+                                   (path,)).fetchone()
         if row and row[0] == st.st_size and row[1] == st.st_mtime_ns and row[2] == st.st_ino:
             return row[3]
         return None
 
     def put(self, path, st, h):
-        self.con.execute("INSERT OR REPLACE INTO hashes VALUES (?,?,?,?,?)",
-                         (path, st.st_size, st.st_mtime_ns, st.st_ino, h))
+        self.new.append((path, st.st_size, st.st_mtime_ns, st.st_ino, h))
 
     def prune(self, root, seen):
         """Forget files below root that are no longer in the tree."""
-        lo, hi = root.rstrip("/") + "/", root.rstrip("/") + "0"  # '0' sorts right after '/'
-        rows = self.con.execute("SELECT path FROM hashes WHERE path >= ? AND path < ?", (lo, hi))
-        gone = [(r[0],) for r in rows.fetchall() if r[0] not in seen]
-        self.con.executemany("DELETE FROM hashes WHERE path=?", gone)
+        if self.loaded:
+            gone = [(p,) for p in self.rows if p not in seen]
+        else:
+            rows = self.con.execute("SELECT path FROM hashes WHERE path >= ? AND path < ?",
+                                    self._range(root))
+            gone = [(r[0],) for r in rows.fetchall() if r[0] not in seen]
+        if gone:
+            self.con.executemany("DELETE FROM hashes WHERE path=?", gone)
 
     def close(self):
         import sqlite3
         try:
+            if self.new:
+                self.con.executemany("INSERT OR REPLACE INTO hashes VALUES (?,?,?,?,?)", self.new)
             self.con.commit()
         except sqlite3.Error:
             pass
@@ -296,50 +372,104 @@ def _symlink_entry(root, real_root, rel, full, warnings):
     return {"path": rel, "type": "symlink", "target": target}
 
 
+def _hash_stable(full, rel, st):
+    """(sha256, lstat) of a file that did not change while it was read."""
+    for _ in range(3):
+        h = _hash_file(full)
+        st2 = os.lstat(full)
+        if _same(st, st2):
+            return h, st
+        st = st2  # changed while we read it: again
+    raise SyncError("%s keeps changing while it is read; try again once it is written" % rel)
+
+
+_HASH_THREADS_BYTES = 64 << 20  # bytes to hash before a few threads share the work
+
+
+def _hash_all(todo):
+    """[(sha256, lstat)] for todo's (i, full, rel, lstat), in order. Threads (hashlib and
+    reads release the GIL) only where there are many bytes: for small files the work is
+    Python's own, and threads would only fight over the GIL."""
+    n = min(4, os.cpu_count() or 1)
+    if n < 2 or sum(t[3].st_size for t in todo) < _HASH_THREADS_BYTES:
+        return [_hash_stable(full, rel, st) for _, full, rel, st in todo]
+    import threading
+    out = [None] * len(todo)
+    errors = []
+    # largest first, dealt round-robin: the threads finish together
+    order = sorted(range(len(todo)), key=lambda i: -todo[i][3].st_size)
+
+    def work(k):
+        try:
+            for i in order[k::n]:
+                _, full, rel, st = todo[i]
+                out[i] = _hash_stable(full, rel, st)
+        except BaseException as e:  # noqa: BLE001 - re-raised below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return out
+
+
 def build_manifest(root, cache_path=None):
     """The manifest of docs/contracts.md for root, plus "warnings" and "total_size"."""
     root = os.path.abspath(root)
     real_root = os.path.realpath(root)
-    paths, warnings = select_files(root)
-    cache = _HashCache(os.path.expanduser(cache_path) if cache_path else default_cache_path())
-    entries = []
-    total = 0
-    seen = set()
+    in_git = _in_git_work_tree(root)
+    status = _GitStatus(root) if in_git else None  # runs while we list and hash
     try:
-        for rel in paths:
-            full = os.path.join(root, rel)
-            try:
-                st = os.lstat(full)
-            except (FileNotFoundError, NotADirectoryError):
-                continue  # vanished since it was listed
-            if stat.S_ISLNK(st.st_mode):
-                e = _symlink_entry(root, real_root, rel, full, warnings)
-                if e is not None:
-                    entries.append(e)
-                continue
-            if not stat.S_ISREG(st.st_mode):
-                warnings.append("skipped %s: not a regular file or symlink" % rel)
-                continue
-            seen.add(full)
-            h = cache.get(full, st)
-            if h is None:
-                for _ in range(3):
-                    h = _hash_file(full)
-                    st2 = os.lstat(full)
-                    if _same(st, st2):
-                        break
-                    st, h = st2, None  # changed while we read it: again
+        paths, warnings, stats, _ = _select(root, in_git, {})
+        cache = _HashCache(os.path.expanduser(cache_path) if cache_path else default_cache_path())
+        entries = []
+        total = 0
+        seen = set()
+        todo = []  # (index in entries, full path, rel, lstat) of files the cache cannot answer
+        try:
+            cache.load(root)
+            for rel in paths:
+                full = os.path.join(root, rel)
+                st = stats.get(rel)
+                if st is None:
+                    try:
+                        st = os.lstat(full)
+                    except (FileNotFoundError, NotADirectoryError):
+                        continue  # vanished since it was listed
+                if stat.S_ISLNK(st.st_mode):
+                    e = _symlink_entry(root, real_root, rel, full, warnings)
+                    if e is not None:
+                        entries.append(e)
+                    continue
+                if not stat.S_ISREG(st.st_mode):
+                    warnings.append("skipped %s: not a regular file or symlink" % rel)
+                    continue
+                seen.add(full)
+                h = cache.get(full, st)
                 if h is None:
-                    raise SyncError("%s keeps changing while it is read; try again once it "
-                                    "is written" % rel)
-                cache.put(full, st, h)
-            entries.append({"path": rel, "type": "file", "hash": h, "size": st.st_size,
-                            "exec": bool(st.st_mode & 0o111)})
-            total += st.st_size
-        cache.prune(root, seen)
+                    todo.append((len(entries), full, rel, st))
+                entries.append({"path": rel, "type": "file", "hash": h, "size": st.st_size,
+                                "exec": bool(st.st_mode & 0o111)})
+            if todo:
+                done = _hash_all(todo)
+                for (i, full, _rel, _st), (h, st) in zip(todo, done):
+                    e = entries[i]
+                    e["hash"], e["size"], e["exec"] = h, st.st_size, bool(st.st_mode & 0o111)
+                    cache.put(full, st, h)
+            total = sum(e["size"] for e in entries if e["type"] == "file")
+            cache.prune(root, seen)
+        finally:
+            cache.close()
+        git = status.result() if status is not None else None
+        status = None
     finally:
-        cache.close()
-    return {"entries": entries, "git": git_info(root), "warnings": warnings, "total_size": total}
+        if status is not None:
+            status.cancel()
+    return {"entries": entries, "git": git, "warnings": warnings, "total_size": total}
 
 
 def largest_files(manifest, n=10):

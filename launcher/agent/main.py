@@ -46,6 +46,20 @@ def _os_error(e, home):
     return None
 
 
+def _db_error(e, home):
+    """SQLite reports a full disk or a read-only home as its own errors, not OSError."""
+    import sqlite3
+    if not isinstance(e, sqlite3.Error):
+        return None
+    text = str(e).lower()
+    if "disk is full" in text:
+        return _os_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), home)
+    if "readonly database" in text or "unable to open database" in text:
+        return _os_error(OSError(errno.EACCES, "the job database %s/jobs.sqlite cannot be written"
+                                 % home), home)
+    return None
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if not argv:
@@ -81,8 +95,11 @@ def main(argv=None):
     except KeyboardInterrupt:
         code = 130
     except Exception as e:  # noqa: BLE001 - the client gets one line, stderr the traceback
-        traceback.print_exc()
-        out.write(protocol.dumps(protocol.fail(AgentError("internal", "agent failed: %r" % e))))
+        mapped = _db_error(e, home or "RTRAIN_HOME")
+        if mapped is None:
+            traceback.print_exc()
+            mapped = AgentError("internal", "agent failed: %r" % e)
+        out.write(protocol.dumps(protocol.fail(mapped)))
         code = 1
     try:
         out.flush()

@@ -226,13 +226,14 @@ class Daemon:
         lock_dir = leases.ensure_dir(paths.lock_dir(cfg["lock_dir"]))
         self.lock_dir = lock_dir
         units = None
-        blocked = False
+        blocked = None
         for row in queued:
             n = row["gpus_requested"]
             if n == 0:
                 self.start(row, [], [])
                 continue
-            if blocked:
+            if blocked is not None:
+                self._say_why(row, "waiting behind job %d (first in line for GPUs)" % blocked)
                 continue
             if units is None:
                 units = self._units(cfg, lock_dir)
@@ -253,9 +254,27 @@ class Daemon:
             else:
                 for fd in fds:
                     os.close(fd)
-                blocked = True
+                blocked = row["id"]
+                self._say_why(row, self._why_waiting(n, units, lock_dir))
         self.taken.clear()
-        return blocked
+        return blocked is not None
+
+    def _why_waiting(self, n, units, lock_dir):
+        if self.error:
+            return "waiting: cannot read the GPUs: %s" % self.error
+        if not units:
+            return "waiting: nvidia-smi lists no GPUs"
+        free = sum(1 for u in units if u["state"] == "free" and not leases.is_held(lock_dir, u["uuid"]))
+        unknown = sum(1 for u in units if u["state"] == "unknown")
+        return "waiting for %d GPU%s: %d of %d free%s" % (
+            n, "" if n == 1 else "s", free, len(units),
+            ", %d unknown (see rtrain gpus)" % unknown if unknown else "")
+
+    def _say_why(self, row, message):
+        """Tell `rtrain status` why a queued job waits (written only when it changes)."""
+        if row["message"] != message:
+            self.con.execute("UPDATE jobs SET message=? WHERE id=? AND state='queued'",
+                             (message, row["id"]))
 
     def _units(self, cfg, lock_dir):
         """nvidia-smi's view (see the module's doc for when it is asked again)."""
@@ -361,7 +380,7 @@ class Daemon:
                     row["attempts"] + 1, row["retries"] + 1))
             self.con.execute(
                 "UPDATE jobs SET state='running', gpus=?, started_at=?, ended_at=NULL, exit_code=NULL,"
-                " signal=NULL, attempts=attempts+1, boot_id=? WHERE id=?",
+                " signal=NULL, message='', attempts=attempts+1, boot_id=? WHERE id=?",
                 (json.dumps(uuids), time.time(), fsutil.boot_id(), job_id))
         spec = {"id": job_id, "command": row["command"], "env": json.loads(row["env"] or "{}"),
                 "grace": row["grace"], "gpus": uuids, "lock_dir": self.lock_dir}

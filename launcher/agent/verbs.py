@@ -1,5 +1,6 @@
 """One function per agent verb. Each takes a Context and returns the reply's result."""
 import base64
+import errno
 import json
 import os
 import platform
@@ -9,10 +10,12 @@ import sys
 import time
 import uuid as uuidlib
 
-from . import db, fsutil, gpus, leases, paths, protocol, runner, scheduler, store
+from . import db, fsutil, gpus, inventory, leases, paths, protocol, runner, scheduler, store
 from .protocol import AgentError
 
 AGENT_VERSION = "0.1.0"
+# OSErrors that say something about the host (disk full, not writable), mapped by main._os_error
+_HOST_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)
 TERMINAL = ("succeeded", "failed", "cancelled", "lost")
 
 
@@ -179,24 +182,48 @@ def submit(ctx):
         if row is not None:
             return {"job": _public(ctx, db.get(ctx.con, row["id"])), "duplicate": True}
     if n > 0:
-        _check_gpu_count(cfg, n)
+        _check_gpu_count(ctx.home, cfg, n)
     manifest = req.get("manifest") or {"entries": []}
     entries = manifest.get("entries") or []
     st = store.Store(ctx.home.store)
-    lacking = st.missing(sorted({e["hash"] for e in entries if e.get("type", "file") == "file"}))
+    # "upload": the client stays on the line. If blobs are missing, one frame {"missing": [...]}
+    # asks for them and the client answers with the blob stream (docs/contracts.md) on the same
+    # stdin: a whole submit is one agent start and one exec channel. The client keeps stdin
+    # open until the reply, so a client that went away (connection cut) shows as EOF there.
+    upload = bool(req.get("upload"))
+    try:
+        lacking = st.missing(sorted({e.get("hash") for e in entries
+                                     if isinstance(e, dict) and e.get("type", "file") == "file"}))
+        if lacking and upload:
+            ctx.emit({"missing": lacking})
+            try:
+                st.receive(ctx.stdin)
+            except store.StoreError as e:
+                raise AgentError("bad_stream", str(e), "run the command again: blobs received so far are kept")
+            lacking = st.missing(lacking)
+    except store.StoreError as e:
+        raise AgentError("bad_manifest", str(e))
     if lacking:
         raise AgentError("missing_blobs", "%d file(s) of the snapshot are not on the host" % len(lacking),
                          "", data=lacking)
     home = ctx.home
-    tmp = os.path.join(home.tmp, "job-" + uuidlib.uuid4().hex)
+    _sweep_tmp(home)
+    tmp = os.path.join(home.tmp, "job-%s-%d-%s" % (_node(), os.getpid(), uuidlib.uuid4().hex[:12]))
     try:
-        st.materialize(entries, os.path.join(tmp, "work"))
-    except store.StoreError as e:
+        try:
+            st.materialize(entries, os.path.join(tmp, "work"))
+        except store.StoreError as e:
+            cause = e.__context__
+            if isinstance(cause, OSError) and cause.errno in _HOST_ERRNOS:
+                raise cause  # disk full, not writable: main.py says so, not "bad manifest"
+            raise AgentError("bad_manifest", str(e))
+        _write_manifest(os.path.join(tmp, "manifest.json"), entries)
+        open(os.path.join(tmp, "log"), "ab").close()
+        os.chmod(os.path.join(tmp, "log"), 0o600)
+        _save_sched_cfg(home, cfg)  # before the job exists: a failure here leaves no job
+    except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise AgentError("bad_manifest", str(e))
-    fsutil.write_json_atomic(os.path.join(tmp, "manifest.json"), {"entries": entries})
-    open(os.path.join(tmp, "log"), "ab").close()
-    os.chmod(os.path.join(tmp, "log"), 0o600)
+        raise
     git = manifest.get("git") or {}
     spec = {
         "name": req.get("name") or _default_name(command), "command": command, "gpus": n,
@@ -207,6 +234,10 @@ def submit(ctx):
     }
     con = ctx.con
     try:
+        if upload and _client_gone(ctx.stdin):
+            # nobody would hear of this job: queue nothing (DESIGN.md decision 3)
+            raise AgentError("client_gone", "the client went away before the job was queued",
+                             "submit again")
         with db.Tx(con):
             job_id = db.insert_job(con, spec)
             if token:
@@ -218,9 +249,58 @@ def submit(ctx):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _save_sched_cfg(home, cfg)
-    ctx.poke()
+    try:
+        ctx.poke()
+    except OSError:
+        pass  # the job is queued; the next call that finds no daemon starts one
     return {"job": _public(ctx, db.get(con, job_id)), "duplicate": False}
+
+
+def _write_manifest(path, entries):
+    # the C encoder in one go (json.dump to a file streams through the pure-Python one)
+    data = json.dumps({"entries": entries}, separators=(",", ":"))
+    with open(path, "w") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _client_gone(stdin):
+    """True when the client's end of our stdin is closed (it sends nothing more after its
+    request and blobs, and closes only once it has the reply)."""
+    try:
+        import select
+        fd = stdin.fileno()
+        ready, _, _ = select.select([fd], [], [], 0)
+        return bool(ready) and os.read(fd, 1) == b""
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _node():
+    try:
+        return "".join(c for c in os.uname().nodename if c.isalnum() or c in "-.")[:40] or "host"
+    except (AttributeError, OSError):
+        return "host"
+
+
+def _sweep_tmp(home):
+    """Remove job dirs left in tmp/ by submits on this machine whose agent died mid-way (they
+    never become jobs: only the rename under a committed job id does that)."""
+    try:
+        names = os.listdir(home.tmp)
+    except OSError:
+        return
+    prefix = "job-%s-" % _node()
+    for name in names:
+        if not name.startswith(prefix):
+            continue
+        try:
+            pid = int(name[len(prefix):].split("-", 1)[0])
+        except ValueError:
+            continue
+        if pid != os.getpid() and not fsutil.alive(pid):
+            shutil.rmtree(os.path.join(home.tmp, name), ignore_errors=True)
 
 
 def _default_name(command):
@@ -232,20 +312,29 @@ def _default_name(command):
     return os.path.basename(words[0]) if words else "job"
 
 
-def _check_gpu_count(cfg, n):
-    try:
-        snap = gpus.query(cfg["nvidia_smi"])
-        units = gpus.classify(snap, mem_busy_mib=cfg["mem_busy_mib"], visible=cfg["visible"])
-    except gpus.NvidiaSmiError as e:
-        if e.kind == "not_found":
-            raise AgentError("too_many_gpus", "asked for %d GPU(s), but nvidia-smi was not found on this "
-                             "host, so it has no GPUs to give" % n,
-                             "use --gpus 0 for a CPU job, or install the NVIDIA driver")
-        raise AgentError("nvidia_smi", "cannot read the GPUs: %s" % e.message,
-                         "fix the driver on the host (`rtrain hosts` checks it); --gpus 0 still runs")
-    if n > len(units):
-        raise AgentError("too_many_gpus", "asked for %d GPUs, but this host has %d" % (n, len(units)),
-                         "ask for at most %d (`rtrain gpus` lists them)" % len(units))
+def _check_gpu_count(home, cfg, n):
+    """Refuse more GPUs than the host has (the count the daemon last saw, if recent)."""
+    k = inventory.key(cfg)
+    count = None if k["resolved"] is None else inventory.cached_count(home, k)
+    if count is None:
+        try:
+            snap = gpus.query(cfg["nvidia_smi"])
+            count = len(gpus.classify(snap, mem_busy_mib=cfg["mem_busy_mib"], visible=cfg["visible"]))
+        except gpus.NvidiaSmiError as e:
+            if e.kind == "not_found":
+                raise AgentError("too_many_gpus", "asked for %d GPU(s), but nvidia-smi was not found on "
+                                 "this host, so it has no GPUs to give" % n,
+                                 "use --gpus 0 for a CPU job, or install the NVIDIA driver")
+            raise AgentError("nvidia_smi", "cannot read the GPUs: %s" % e.message,
+                             "fix the driver on the host (`rtrain hosts` checks it); --gpus 0 still runs")
+        inventory.save(home, k, count)
+    if n > count:
+        if cfg["visible"] is None:
+            raise AgentError("too_many_gpus", "asked for %d GPUs, but this host has %d" % (n, count),
+                             "ask for at most %d (`rtrain gpus` lists them)" % count)
+        raise AgentError("too_many_gpus", "asked for %d GPUs, but rtrain may use %d on this host "
+                         "(`gpus:` in hosts.yaml)" % (n, count),
+                         "ask for at most %d, or list more GPUs under `gpus:`" % count)
 
 
 def _save_sched_cfg(home, cfg):
@@ -325,7 +414,12 @@ def _signal(pid, sig, group):
 
 
 def logs(ctx):
-    """Frames {"o": offset, "d": base64} from byte `offset` on; a last frame says where it ended."""
+    """Frames {"o": offset, "d": base64} from byte `offset` on (or `tail_lines` lines back). While
+    following, a heartbeat {"hb": offset, "state": ...} goes out at once and after every
+    `heartbeat` seconds without data, so the client can tell a live stream from a dead network.
+    The final reply says where the log ended and how the job ended. Following wakes on inotify
+    (logwatch) where it can, so a line reaches the client as soon as the job writes it."""
+    from . import logwatch
     req = ctx.req
     row = _job(ctx, req.get("id"))
     job_id = row["id"]
@@ -333,44 +427,72 @@ def logs(ctx):
     follow = bool(req.get("follow"))
     offset = req.get("offset")
     tail = req.get("tail_lines")
-    chunk = 256 * 1024
-    try:
-        f = open(path, "rb")
-    except FileNotFoundError:
-        f = None
+    # frames stay small enough to cross a slow link well within the client's stall limit
+    chunk = max(1024, int(req.get("chunk", 64 * 1024)))
+    f = _open_log(path)
     if offset is None:
-        offset = _tail_offset(f, tail) if (tail is not None and f is not None) else 0
+        offset = _tail_offset(f, int(tail)) if (tail is not None and f is not None) else 0
     offset = int(offset)
     heartbeat = float(req.get("heartbeat", 2.0))
-    poll = float(req.get("poll", 0.02))
-    last_sent = time.monotonic()
+    state_every = float(req.get("state_every", 0.25))  # re-read the job's state at least this often
+    watch = logwatch.Watch(ctx.home.job_dir(job_id), poll=float(req.get("poll", 0.01))) if follow else None
     con = ctx.con
-    while True:
-        data = b""
-        if f is not None:
-            f.seek(offset)
-            data = f.read(chunk)
-        if data:
-            ctx.emit({"o": offset, "d": base64.b64encode(data).decode("ascii")})
-            offset += len(data)
-            last_sent = time.monotonic()
-            continue
-        scheduler.finalize_exited(con, ctx.home)
-        row = db.get(con, job_id)
-        if not follow or row["state"] in TERMINAL:
-            if f is not None and row["state"] in TERMINAL:
+    now = time.monotonic()
+    last_sent = now - heartbeat  # no data at once: say at once that the stream is up
+    last_check = now
+    check = False
+    done = False
+    try:
+        while True:
+            if f is None:
+                f = _open_log(path)
+            data = b""
+            if f is not None:
                 f.seek(offset)
-                rest = f.read(chunk)
-                if rest:
+                data = f.read(chunk)
+            if data:
+                ctx.emit({"o": offset, "d": base64.b64encode(data).decode("ascii")})
+                offset += len(data)
+                last_sent = time.monotonic()
+                # a short read is the end of the file for now: inotify says when it grows
+                if len(data) == chunk or done or watch is None or watch.kind != "inotify":
                     continue
-            return {"offset": offset, "state": row["state"], "exit_code": row["exit_code"],
-                    "signal": row["signal"]}
-        if time.monotonic() - last_sent >= heartbeat:
-            ctx.emit({"hb": offset, "state": row["state"]})
-            last_sent = time.monotonic()
-        if f is None and os.path.exists(path):
-            f = open(path, "rb")
-        time.sleep(poll)
+            elif done:  # ended, and everything it wrote has been sent
+                return {"offset": offset, "state": row["state"], "exit_code": row["exit_code"],
+                        "signal": row["signal"]}
+            now = time.monotonic()
+            if not follow or check or now - last_check >= state_every:
+                scheduler.finalize_exited(con, ctx.home)
+                row = db.get(con, job_id)
+                last_check = now
+                check = False
+                # a job that ended may have written more since the read above: one more pass
+                done = not follow or row["state"] in TERMINAL
+                if done:
+                    continue
+            if now - last_sent >= heartbeat:
+                if row["state"] in ("queued", "running") and not scheduler.running(ctx.home):
+                    # the daemon died (killed, or a reboot): start it; it reconciles, and a job
+                    # whose process vanished becomes lost, which ends this stream
+                    ctx.poke()
+                ctx.emit({"hb": offset, "state": row["state"]})
+                last_sent = now
+            names = watch.wait(min(last_sent + heartbeat, last_check + state_every) - time.monotonic())
+            # any change but the log's own (exit.json, pid.json, ...) may be the job's state
+            if (names is None and watch.kind == "inotify") or (names and names != {"log"}):
+                check = True
+    finally:
+        if watch is not None:
+            watch.close()
+        if f is not None:
+            f.close()
+
+
+def _open_log(path):
+    try:
+        return open(path, "rb")
+    except FileNotFoundError:
+        return None
 
 
 def _tail_offset(f, lines):

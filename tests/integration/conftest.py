@@ -97,20 +97,21 @@ class Sshd:
             extra = spec[2] if len(spec) > 2 else {}
             lines += ["  %s:" % name, "    ssh: %s@127.0.0.1:%d" % (user, port),
                       "    identity_file: %s" % extra.get("identity_file", self.user_key),
-                      "    home: ~/.rtrain-%s" % uuid.uuid4().hex[:8],
+                      "    home: %s" % extra.get("home", "~/.rtrain-%s" % uuid.uuid4().hex[:8]),
                       "    lock_dir: %s" % extra.get("lock_dir", self.lock_dir),
                       "    connect_timeout: %s" % extra.get("connect_timeout", 5)]
             for k, v in extra.items():
-                if k not in ("identity_file", "lock_dir", "connect_timeout"):
+                if k not in ("identity_file", "lock_dir", "connect_timeout", "home"):
                     lines.append("    %s: %s" % (k, v))
         Path(path).write_text("\n".join(lines) + "\n")
         return path
 
     def env(self, known_hosts=None, **extra):
         env = dict(os.environ)
+        # `local` is always a host too: keep its state out of this machine's ~/.rtrain
         env.update({"RTRAIN_KNOWN_HOSTS": str(known_hosts or self.known_hosts),
                     "RTRAIN_SSH_CONFIG": str(self.ssh_config), "PYTHONPATH": str(REPO),
-                    "SSH_AUTH_SOCK": ""})
+                    "RTRAIN_HOME": str(self.root / "local-home"), "SSH_AUTH_SOCK": ""})
         env.update(extra)
         return env
 

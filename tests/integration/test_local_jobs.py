@@ -129,6 +129,11 @@ def test_cancel_queued_job(world):
     blockers = [world.submit("sleep", "30", gpus=4)]
     queued = world.submit("echo", "never", gpus=1)
     assert world.status(queued)["state"] == "queued"
+    deadline = time.time() + 20  # the daemon says why it waits
+    while not world.status(queued)["message"] and time.time() < deadline:
+        time.sleep(0.1)
+    assert world.status(queued)["message"] == "waiting for 1 GPU: 0 of 4 free"
+    assert "waiting for 1 GPU" in world.run("status", queued).stdout
     world.run("cancel", queued)
     j = world.status(queued)
     assert j["state"] == "cancelled" and j["started_at"] is None

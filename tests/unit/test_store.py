@@ -36,22 +36,39 @@ def mode(p):
     return stat.S_IMODE(os.lstat(str(p)).st_mode)
 
 
+def packs(root):
+    d = os.path.join(str(root), "packs")
+    return sorted(os.path.join(d, f) for f in os.listdir(d)) if os.path.isdir(d) else []
+
+
 def test_receive_stores_verified_read_only_blobs(tmp_path):
     st = Store(tmp_path / "store")
-    a, b = b"hello\n", b"x" * (3 << 20)  # one small, one bigger than a read chunk
+    a, b = b"hello\n", b"x" * (3 << 20)  # one small (packed), one large (a loose file)
     assert st.missing([sha(a), sha(b), sha(a)]) == [sha(a), sha(b)]
     assert st.receive(stream(a, b)) == {"count": 2, "bytes": len(a) + len(b)}
     assert st.missing([sha(a), sha(b)]) == []
-    p = st.path(sha(a))
-    assert p == os.path.join(str(tmp_path / "store"), sha(a)[:2], sha(a)[2:])
-    assert open(p, "rb").read() == a
+    assert st.read(sha(a)) == a and st.read(sha(b)) == b
+    p = st.path(sha(b))
+    assert p == os.path.join(str(tmp_path / "store"), sha(b)[:2], sha(b)[2:])
+    assert open(p, "rb").read() == b
     assert mode(p) == 0o444
     assert mode(os.path.dirname(p)) == 0o700
     assert mode(tmp_path / "store") == 0o700
+    (pack,) = packs(tmp_path / "store")  # the small one: one pack for the stream
+    assert open(pack, "rb").read() == a
+    assert mode(pack) == 0o444 and mode(os.path.dirname(pack)) == 0o700
+    assert not os.path.exists(st.path(sha(a)))
     # sending a blob that is already there is fine
     assert st.receive(stream(a))["count"] == 1
-    assert open(p, "rb").read() == a
+    assert st.read(sha(a)) == a
     assert st.receive(io.BytesIO(b"END\n")) == {"count": 0, "bytes": 0}
+    # many small blobs in one stream: one file in the store, each read back whole
+    many = [("blob %d\n" % i).encode() * (i + 1) for i in range(300)] + [a]
+    st.receive(stream(*many))
+    assert len(packs(tmp_path / "store")) == 3
+    assert all(st.read(sha(x)) == x for x in many)
+    assert st.missing([sha(x) for x in many]) == []
+    assert st.hashes() == sorted({sha(x) for x in many + [b]})
 
 
 @pytest.mark.parametrize("cut", ["in_data", "after_frame", "in_header", "empty"])
@@ -76,8 +93,10 @@ def test_truncated_stream_keeps_complete_blobs_and_no_partial_one(tmp_path, cut)
     elif cut == "after_frame":  # both frames were complete and verified: both kept
         assert st.missing([sha(good), sha(second)]) == []
     else:
-        assert files == [st.path(sha(good))]  # the complete one is kept: a retry sends less
+        # the complete one is kept (a retry sends less), of the cut one not a byte
         assert st.missing([sha(good), sha(second)]) == [sha(second)]
+        (pack,) = packs(tmp_path / "store")
+        assert open(pack, "rb").read() == good
     assert [f for f in os.listdir(str(tmp_path / "store")) if f.startswith(".tmp")] == []
 
 
@@ -89,7 +108,9 @@ def test_hash_mismatch_is_rejected(tmp_path):
         st.receive(io.BytesIO(raw))
     assert st.has(sha(b"ok"))
     assert not st.has(claimed)
-    assert blob_files(tmp_path / "store") == [st.path(sha(b"ok"))]
+    (pack,) = packs(tmp_path / "store")
+    assert open(pack, "rb").read() == b"ok"  # nothing of the bad one
+    assert [f for f in os.listdir(str(tmp_path / "store")) if f.startswith(".tmp")] == []
 
 
 @pytest.mark.parametrize("header", [b"nothex 3\n", b"%s -1\n" % (b"a" * 64), b"%s\n" % (b"a" * 64),
@@ -129,10 +150,17 @@ def test_materialize_copies_modes_dirs_and_symlinks(tmp_path):
     assert mode(dest / "deep/er/run.sh") == 0o755
     assert os.readlink(str(dest / "link")) == "deep/er/run.sh"
     assert (dest / "deep/up").read_bytes() == b"print(1)\n"
-    # copies, never hard links to the store
-    assert os.stat(str(dest / "a.py")).st_ino != os.stat(st.path(ha)).st_ino
+    # copies, never hard links to the store (a pack, or a loose blob)
+    big = os.urandom(3 << 20)
+    (hbig,) = put(st, big)
+    st.materialize([{"path": "big", "type": "file", "hash": hbig, "size": len(big), "exec": False}],
+                   str(tmp_path / "job2"))
+    assert (tmp_path / "job2" / "big").read_bytes() == big
+    assert os.stat(str(tmp_path / "job2" / "big")).st_ino != os.stat(st.path(hbig)).st_ino
+    assert os.stat(str(tmp_path / "job2" / "big")).st_nlink == 1
+    assert os.stat(st.path(hbig)).st_nlink == 1
     assert os.stat(str(dest / "a.py")).st_nlink == 1
-    assert os.stat(st.path(ha)).st_nlink == 1
+    assert all(os.stat(p).st_nlink == 1 for p in packs(tmp_path / "store"))
 
 
 @pytest.mark.parametrize("path", ["../x", "/etc/x", "a/../../x", "a/..", "..", "", "a//b", "a/",
@@ -235,11 +263,9 @@ def test_isolation_job_rewriting_its_files_changes_nothing_else(tmp_path):
         f.truncate()
     assert (job1 / "cfg/train.py").read_bytes().startswith(b"HACKED")
 
-    blob = st.path(h)
-    with open(blob, "rb") as f:
-        data = f.read()
+    data = st.read(h)
     assert data == original and sha(data) == h
-    assert mode(blob) == 0o444
+    assert all(mode(p) == 0o444 for p in packs(tmp_path / "store"))
     assert (job2 / "cfg/train.py").read_bytes() == original
     assert (job2 / "run.sh").read_bytes() == original
     assert mode(job2 / "run.sh") == 0o755
@@ -272,6 +298,61 @@ def test_gc_deletes_unkept_blobs(tmp_path):
     assert res == {"count": 1, "bytes": 7}
     assert st.missing([ha, hb]) == [hb]
     assert not stale.exists()
+
+
+def test_gc_writes_a_pack_again_with_the_kept_blobs(tmp_path):
+    st = Store(tmp_path / "store")
+    h1, h2, h3 = put(st, b"one", b"two!", b"three")
+    (old,) = packs(tmp_path / "store")
+    assert st.gc([h1, h3]) == {"count": 1, "bytes": 4}
+    assert st.missing([h1, h2, h3]) == [h2]
+    assert st.read(h1) == b"one" and st.read(h3) == b"three"
+    (new,) = packs(tmp_path / "store")
+    assert new != old and open(new, "rb").read() == b"onethree"
+    assert st.gc([]) == {"count": 2, "bytes": 8}
+    assert packs(tmp_path / "store") == []
+    dest = tmp_path / "w"
+    with pytest.raises(StoreError, match=h1):
+        st.materialize([{"path": "f", "type": "file", "hash": h1, "size": 3, "exec": False}], str(dest))
+
+
+def test_a_lost_pack_counts_as_missing_and_is_sent_again(tmp_path):
+    st = Store(tmp_path / "store")
+    ha, hb = put(st, b"alpha", b"beta")
+    for p in packs(tmp_path / "store"):
+        os.chmod(p, 0o644)
+        os.unlink(p)
+    assert Store(tmp_path / "store").missing([ha, hb]) == [ha, hb]
+    put(st, b"alpha")
+    st2 = Store(tmp_path / "store")
+    assert st2.missing([ha, hb]) == [hb] and st2.read(ha) == b"alpha"
+    st2.materialize([{"path": "a", "type": "file", "hash": ha, "size": 5, "exec": False}], str(tmp_path / "w"))
+    assert (tmp_path / "w" / "a").read_bytes() == b"alpha"
+
+
+def test_concurrent_receivers_share_one_store(tmp_path):
+    import threading
+    sets = [[("%d-%d" % (t, i)).encode() * 7 for i in range(200)] + [b"shared"] for t in range(4)]
+    errors = []
+
+    def go(blobs):
+        try:
+            Store(tmp_path / "store").receive(stream(*blobs))
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+    threads = [threading.Thread(target=go, args=(b,)) for b in sets]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    st = Store(tmp_path / "store")
+    every = [b for bs in sets for b in bs]
+    assert st.missing([sha(b) for b in every]) == []
+    entries = [{"path": "f%d" % i, "type": "file", "hash": sha(b), "size": len(b), "exec": False}
+               for i, b in enumerate(every)]
+    st.materialize(entries, str(tmp_path / "w"))
+    assert all((tmp_path / "w" / ("f%d" % i)).read_bytes() == b for i, b in enumerate(every))
 
 
 def test_store_is_stdlib_only_and_py38_syntax():
