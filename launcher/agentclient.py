@@ -250,11 +250,11 @@ class AgentClient:
         if rc == 127 or "not found" in last and py in last:
             return HostError(self.name, "%s not found on the host" % py,
                              "install Python >= 3.8 there, or set `python:` for this host in hosts.yaml",
-                             check="python")
+                             check="python", permanent=True)
         if "SyntaxError" in err or "ModuleNotFoundError" in err or "ImportError" in err:
             return HostError(self.name, "%s on the host cannot run the agent (%s)" % (py, last),
                              "rtrain needs Python >= 3.8 there; set `python:` in hosts.yaml",
-                             check="python")
+                             check="python", permanent=True)
         return HostError(self.name, "the agent's %s call ended without a reply (exit %s)%s" % (
             verb, rc, (": " + last) if last else ""), "run `rtrain hosts` to check the host; --debug shows more")
 

@@ -329,11 +329,13 @@ def logs(session, ref, follow=False, tail=None, retry_for=None, sleep=time.sleep
                 if watchdog.fired:
                     e = HostError(host, "no word from the host for %gs" % watchdog.fired,
                                   "check the network; RTRAIN_LOGS_STALL_S sets the limit")
-                if not follow:
+                if not follow or e.permanent:
                     raise e
                 attempt += 1
                 if retry_for is not None and time.monotonic() - started > retry_for:
                     raise e
+                if attempt > 3 and "authentication refused" in e.detail:
+                    raise e  # once can be a drop mid-handshake; again and again is a refusal
                 delay = min(10.0, 0.5 * (2 ** (attempt - 1)))
                 yield ("reconnecting", attempt, e, delay)
                 session.reset(host)

@@ -27,11 +27,12 @@ class ConfigError(RtrainError):
 class HostError(RtrainError):
     """A host cannot be reached, refuses us, or lacks what the agent needs."""
 
-    def __init__(self, host, message, hint="", check=None):
+    def __init__(self, host, message, hint="", check=None, permanent=False):
         super().__init__("%s: %s" % (host, message), hint)
         self.host = host
         self.detail = message  # without the host's name
         self.check = check     # which `rtrain hosts` check failed: None (ssh), "python", "disk"
+        self.permanent = permanent  # trying again unchanged cannot help (a host key, no python)
 
 
 class JobNotFound(RtrainError):

@@ -249,13 +249,14 @@ class SSHTransport(Transport):
             raise HostError(self.name, "HOST KEY CHANGED for %s: %s holds a different %s key" % (
                 r.key_name, where, e.expected_key.get_name()),
                 "if the host was reinstalled, remove the old key with `ssh-keygen -R '%s' -f %s`; "
-                "otherwise someone may be intercepting the connection" % (r.key_name, r.known_hosts))
+                "otherwise someone may be intercepting the connection" % (r.key_name, r.known_hosts),
+                permanent=True)
         except paramiko.SSHException as e:
             msg = str(e)
             if "not found in known_hosts" in msg:
                 raise HostError(self.name, "host key for %s is not in %s" % (r.key_name, r.known_hosts),
                                 "check the key and connect once with `ssh -p %d %s@%s`, or pass "
-                                "--accept-new-host-key" % (r.port, r.user, r.hostname))
+                                "--accept-new-host-key" % (r.port, r.user, r.hostname), permanent=True)
             if isinstance(e, paramiko.AuthenticationException):
                 raise HostError(self.name, "authentication refused for %s@%s" % (r.user, r.key_name),
                                 "add your public key to ~/.ssh/authorized_keys there, or set "

@@ -23,7 +23,7 @@ import subprocess
 import sys
 import time
 
-from . import db, fsutil, gpus, inventory, leases, paths, runner, store
+from . import db, fsutil, gpus, inventory, leases, paths, runner, store, workdirs
 
 IDLE_EXIT_S = float(os.environ.get("RTRAIN_DAEMON_IDLE_S", "600"))
 SNAPSHOT_MAX_AGE_S = 2.0
@@ -215,6 +215,8 @@ class Daemon:
         self.taken = set()
         self.own_fds = []
         self.waiter = None      # (read fd, write fd, lock dir): wake-ups from others' jobs
+        self.builders = {}      # job id -> pid of the child building its work dir (workdirs.py)
+        self.built = {}         # job id -> pid of a builder that has ended
         self.lock_dir = None
 
     def schedule(self):
@@ -229,6 +231,10 @@ class Daemon:
         blocked = None
         for row in queued:
             n = row["gpus_requested"]
+            if not self._prepared(row):
+                if n and blocked is None:
+                    blocked = row["id"]  # first in line for GPUs: the others wait behind it
+                continue
             if n == 0:
                 self.start(row, [], [])
                 continue
@@ -258,6 +264,38 @@ class Daemon:
                 self._say_why(row, self._why_waiting(n, units, lock_dir))
         self.taken.clear()
         return blocked is not None
+
+    def _prepared(self, row):
+        """True once the job's work dir is built; else see that it is being built."""
+        job_id = row["id"]
+        if workdirs.ready(self.home, job_id):
+            return True
+        failed = workdirs.error(self.home, job_id)
+        if failed is None:
+            if job_id in self.builders:
+                return False
+            if job_id in self.built:  # its builder ended, yet there is no work dir
+                failed = "its builder (pid %d) died" % self.built.pop(job_id)
+        if failed is not None:
+            self._fail_unbuilt(row, failed)
+            return False
+        if (row["files"] or 0) <= workdirs.INLINE_MAX_FILES:
+            failed = workdirs.build(self.home, job_id, self.store)
+            if failed is None:
+                return True
+            self._fail_unbuilt(row, failed)
+            return False
+        if len(self.builders) < workdirs.MAX_BUILDERS:
+            home, argv = self.home, self.agent_argv
+            self.builders[job_id] = workdirs.spawn(home, job_id, self.own_fds, lambda: poke(home, argv))
+        return False
+
+    def _fail_unbuilt(self, row, why):
+        _append_log(self.home, row["id"], "rtrain: cannot build the job's work dir: %s\n" % why)
+        with db.Tx(self.con):
+            self.con.execute("UPDATE jobs SET state='failed', ended_at=?, message=? WHERE id=? AND "
+                             "state='queued'", (time.time(), "cannot build its work dir: %s" % why,
+                                                row["id"]))
 
     def _why_waiting(self, n, units, lock_dir):
         if self.error:
@@ -407,6 +445,7 @@ class Daemon:
         shutil.rmtree(old, ignore_errors=True)
 
     def reap(self):
+        """Collect ended children (job wrappers, builders); forget the builders among them."""
         while True:
             try:
                 pid, _ = os.waitpid(-1, os.WNOHANG)
@@ -414,6 +453,10 @@ class Daemon:
                 return
             if pid == 0:
                 return
+            for job_id, b in list(self.builders.items()):
+                if b == pid:
+                    del self.builders[job_id]
+                    self.built[job_id] = pid
 
 
 def _drain(fd):

@@ -82,6 +82,39 @@ def _check_target(path, target):
             depth += 1
 
 
+def check_entries(entries):
+    """Validate manifest entries without touching the disk (what materialize would refuse):
+    paths, hashes, symlink targets, a path given twice or used both as a file and a folder.
+    Returns the total size of the files. Raises StoreError."""
+    seen = set()
+    parents = set()
+    total = 0
+    for e in entries:
+        if not isinstance(e, dict):
+            raise StoreError("bad manifest entry: %r" % (e,))
+        path = e.get("path")
+        parts = check_path(path)
+        kind = e.get("type", "file")
+        if kind == "file":
+            _check_hash(e.get("hash"))
+            size = e.get("size")
+            total += size if isinstance(size, int) and size > 0 else 0
+        elif kind == "symlink":
+            _check_target(path, e.get("target"))
+        else:
+            raise StoreError("bad manifest entry %r: unknown type %r" % (path, kind))
+        if path in seen or path in parents:
+            raise StoreError("bad manifest: %r appears twice (or is also a directory)" % (path,))
+        seen.add(path)
+        for i in range(1, len(parts)):
+            parent = "/".join(parts[:i])
+            if parent in seen:
+                raise StoreError("bad manifest: %r would go through the file or symlink %r" % (
+                    path, parent))
+            parents.add(parent)
+    return total
+
+
 def _copy_fd(src, dst):
     """Copy all of src to dst (both fds at offset 0): copy_file_range (may reflink: still a
     private copy) where the kernel has it, else read/write."""

@@ -1,6 +1,5 @@
 """One function per agent verb. Each takes a Context and returns the reply's result."""
 import base64
-import errno
 import json
 import os
 import platform
@@ -14,8 +13,6 @@ from . import db, fsutil, gpus, inventory, leases, paths, protocol, runner, sche
 from .protocol import AgentError
 
 AGENT_VERSION = "0.1.0"
-# OSErrors that say something about the host (disk full, not writable), mapped by main._os_error
-_HOST_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)
 TERMINAL = ("succeeded", "failed", "cancelled", "lost")
 
 
@@ -192,6 +189,7 @@ def submit(ctx):
     # open until the reply, so a client that went away (connection cut) shows as EOF there.
     upload = bool(req.get("upload"))
     try:
+        size = store.check_entries(entries)
         lacking = st.missing(sorted({e.get("hash") for e in entries
                                      if isinstance(e, dict) and e.get("type", "file") == "file"}))
         if lacking and upload:
@@ -207,16 +205,14 @@ def submit(ctx):
         raise AgentError("missing_blobs", "%d file(s) of the snapshot are not on the host" % len(lacking),
                          "", data=lacking)
     home = ctx.home
+    _check_room(home, size, len(entries))
     _sweep_tmp(home)
+    # The job's folder holds its manifest and its log; the daemon builds its work dir (the
+    # snapshot's private copies) in the background before it starts (workdirs.py): the
+    # snapshot itself, the manifest and the verified blobs, is complete and immutable already.
     tmp = os.path.join(home.tmp, "job-%s-%d-%s" % (_node(), os.getpid(), uuidlib.uuid4().hex[:12]))
     try:
-        try:
-            st.materialize(entries, os.path.join(tmp, "work"))
-        except store.StoreError as e:
-            cause = e.__context__
-            if isinstance(cause, OSError) and cause.errno in _HOST_ERRNOS:
-                raise cause  # disk full, not writable: main.py says so, not "bad manifest"
-            raise AgentError("bad_manifest", str(e))
+        os.mkdir(tmp, 0o700)
         _write_manifest(os.path.join(tmp, "manifest.json"), entries)
         open(os.path.join(tmp, "log"), "ab").close()
         os.chmod(os.path.join(tmp, "log"), 0o600)
@@ -254,6 +250,21 @@ def submit(ctx):
     except OSError:
         pass  # the job is queued; the next call that finds no daemon starts one
     return {"job": _public(ctx, db.get(con, job_id)), "duplicate": False}
+
+
+def _check_room(home, size, files):
+    """Refuse a snapshot whose work dir would not fit: better now than when it is built."""
+    try:
+        st = os.statvfs(home.root)
+    except OSError:
+        return
+    free = st.f_bavail * st.f_frsize
+    need = size + 4096 * files + (64 << 10)  # the copies, a block each at most, manifest and log
+    if free < need:
+        raise AgentError("disk_full", "no space left on the device holding %s: the job's snapshot "
+                         "needs %.1f MB, %.1f MB are free" % (home.root, need / 1e6, free / 1e6),
+                         "free some space there (old jobs live in %s/jobs), or set `home:` for this "
+                         "host in hosts.yaml to a larger disk" % home.root)
 
 
 def _write_manifest(path, entries):

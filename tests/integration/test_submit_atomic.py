@@ -4,8 +4,8 @@ job runs on the complete snapshot.
 
 The client reaches the real sshd of conftest.py through a loopback TCP proxy that drops the
 connection after N bytes from the client, for N across the handshake, the agent call, the
-request and the blob upload. A last case cuts after the whole upload, while the agent builds the
-job's work dir: the agent is frozen (SIGSTOP) there, the connection dropped, and once sshd has let
+request and the blob upload. A last case cuts after the whole request, before the agent queues the
+job: the agent is frozen (SIGSTOP) there, the connection dropped, and once sshd has let
 go of it the agent goes on and must see that its client is gone. No timed assertions: waits are
 polls with generous limits."""
 import hashlib
@@ -287,30 +287,33 @@ def _gone(pid):
     return st is None or st[2] in ("Z", "X")
 
 
-def test_cut_after_the_upload_while_the_agent_builds_the_job(sshd, world):
-    """Everything was sent; the connection drops while the agent copies the snapshot into the
-    job's work dir. The agent must notice (its stdin is closed) and queue nothing."""
+def test_cut_after_the_request_before_the_agent_queues_the_job(sshd, world):
+    """Everything was sent (nothing to upload: the blobs are there), then the connection drops
+    before the agent has queued the job. The agent is frozen (SIGSTOP) as soon as it appears,
+    the connection cut, sshd lets go; the agent then reads a whole request from a closed stdin
+    and must queue nothing: nobody would ever hear of that job."""
     w = world
     proxy = w["proxy"]
-    known = [submit_and_check_snapshot(w, [])]
-    tmp = os.path.join(w["home"], "tmp")
-    for attempt in range(5):
-        new_content(w)
+    sub = w["src"] / "pkg0"  # a small tree: the whole request sits in the agent's stdin pipe
+    (sub / "check.py").write_text((w["src"] / "check.py").read_text())
+    args = ("submit", "-C", str(sub), "-q", "--", "python3", "check.py")
+    known = [rt(w, "cut", *args).stdout.strip()]  # its blobs are on the host from now on
+    wait_job(w, known[0])
+    jobs_dir = os.path.join(w["home"], "jobs")
+    for attempt in range(20):
+        before = sorted(os.listdir(jobs_dir))
         client = subprocess.Popen(
-            [sys.executable, "-m", "launcher", "--hosts", str(w["cut"]), "submit", "-q", "--",
-             "python3", "check.py"], cwd=str(w["src"]), env=w["env"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            [sys.executable, "-m", "launcher", "--hosts", str(w["cut"])] + list(args),
+            cwd=str(w["src"]), env=w["env"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         agent = None
         deadline = time.time() + 60
-        while time.time() < deadline and client.poll() is None:
-            if os.listdir(tmp):  # the agent has started on the work dir
-                pids = _agent_pids(w["home"])
-                if pids:
-                    agent = pids[0]
-                    _kill(agent, signal.SIGSTOP)
-                    break
-        if agent is None or not os.listdir(tmp):
-            # too quick for us (the job may be queued by now, which is fine): once more
+        while agent is None and time.time() < deadline and client.poll() is None:
+            pids = _agent_pids(w["home"])
+            if pids:
+                agent = pids[0]
+                _kill(agent, signal.SIGSTOP)
+        if agent is None or sorted(os.listdir(jobs_dir)) != before:
+            # too late: the job may be queued already (which is right): once more
             if agent is not None:
                 _kill(agent, signal.SIGCONT)
             out, _ = client.communicate(timeout=120)
@@ -323,11 +326,11 @@ def test_cut_after_the_upload_while_the_agent_builds_the_job(sshd, world):
         out, err = client.communicate(timeout=120)
         assert client.returncode != 0, out
         assert "Traceback" not in err, err
-        # sshd ends the session, closing the agent's stdin; then the agent may go on
         _poll(lambda: _gone(server), "sshd to end the cut session")
         _kill(agent, signal.SIGCONT)
         assert_nothing_half_made(w, sorted(known, key=int))
         break
     else:
-        pytest.fail("never caught the agent while it built a work dir")
-    submit_and_check_snapshot(w, known)
+        pytest.fail("never caught the agent before it queued the job")
+    known.append(rt(w, "cut", *args).stdout.strip())  # and submitting again works
+    assert wait_job(w, known[-1])["state"] == "succeeded"

@@ -282,3 +282,33 @@ def test_a_frame_cut_short_is_a_dropped_connection():
         for fr in AgentClient(Host(), Transport()).stream("logs", {"id": 1}):
             frames.append(fr)
     assert frames == [{"o": 0, "d": "YQ=="}]
+
+
+class RefusingClient:
+    """Every connection fails with the same error."""
+
+    def __init__(self, err):
+        self.err = err
+        self.calls = 0
+
+    def stream(self, verb, req):
+        self.calls += 1
+        raise self.err
+        yield  # noqa: unreachable - a generator, like the real one
+
+
+def test_errors_that_cannot_heal_end_the_follow_at_once():
+    import pytest
+    for err in (HostError("tower", "HOST KEY CHANGED for [127.0.0.1]:22", permanent=True),
+                HostError("tower", "python3 not found on the host", check="python", permanent=True)):
+        c = RefusingClient(err)
+        with pytest.raises(HostError) as got:
+            list(app.logs(FakeSession(c), "tower:7", follow=True, sleep=lambda d: None))
+        assert got.value is err and c.calls == 1
+    # a refused key may be a drop mid-handshake once; again and again, it is a refusal
+    c = RefusingClient(HostError("tower", "authentication refused for alice@tower"))
+    events = []
+    with pytest.raises(HostError):
+        for ev in app.logs(FakeSession(c), "tower:7", follow=True, sleep=lambda d: None):
+            events.append(ev[0])
+    assert events == ["reconnecting"] * 3 and c.calls == 4

@@ -1,0 +1,102 @@
+"""A job's work dir is built by the daemon after submit (workdirs.py): in the daemon for small
+trees, in a child for larger ones; the job starts only on a complete tree, and a build that
+fails fails the job with what went wrong, in its status and its log."""
+import hashlib
+import io
+import json
+import os
+import time
+
+from launcher.agent import db, paths, scheduler, store, workdirs
+
+
+def _home(tmp_path):
+    return paths.Home(str(tmp_path / "home")).ensure()
+
+
+def _queue(home, files, lose=()):
+    """What submit leaves: blobs in the store, jobs/N/{manifest.json,log}, a queued row."""
+    blobs = [("file %d\n" % i).encode() for i in range(files)]
+    frames = b"".join(b"%s %d\n%s" % (hashlib.sha256(b).hexdigest().encode(), len(b), b)
+                      for b in blobs if b not in lose)
+    store.Store(home.store).receive(io.BytesIO(frames + b"END\n"))
+    entries = [{"path": "d%d/f%d.txt" % (i % 3, i), "type": "file", "size": len(b),
+                "hash": hashlib.sha256(b).hexdigest(), "exec": False} for i, b in enumerate(blobs)]
+    con = db.connect(home.db)
+    job_id = db.insert_job(con, {"name": "t", "command": "true", "gpus": 0, "priority": 0,
+                                 "retries": 0, "files": len(entries)})
+    os.makedirs(home.job_dir(job_id))
+    with open(os.path.join(home.job_dir(job_id), "manifest.json"), "w") as f:
+        json.dump({"entries": entries}, f)
+    open(home.log(job_id), "w").close()
+    return con, job_id, entries
+
+
+def _settle(d, con, job_id, limit=30):
+    """Run the daemon's passes until the job leaves `queued` (no job really starts: start is
+    stubbed to record the call)."""
+    started = []
+    d.start = lambda row, uuids, fds: started.append(row["id"]) or con.execute(
+        "UPDATE jobs SET state='running' WHERE id=?", (row["id"],))
+    deadline = time.time() + limit
+    while time.time() < deadline:
+        d.reap()
+        d.schedule()
+        if db.get(con, job_id)["state"] != "queued":
+            return started
+        time.sleep(0.02)
+    raise AssertionError("job %d still queued" % job_id)
+
+
+def test_small_tree_is_built_by_the_daemon_itself(tmp_path):
+    home = _home(tmp_path)
+    con, job_id, entries = _queue(home, workdirs.INLINE_MAX_FILES)
+    d = scheduler.Daemon(home, ["agent"])
+    assert _settle(d, con, job_id) == [job_id] and not d.builders and not d.built
+    got = sorted(os.path.relpath(os.path.join(r, f), home.work(job_id))
+                 for r, _, fs in os.walk(home.work(job_id)) for f in fs)
+    assert got == sorted(e["path"] for e in entries)
+
+
+def test_large_tree_is_built_by_a_child_and_the_job_waits_for_it(tmp_path):
+    home = _home(tmp_path)
+    con, job_id, entries = _queue(home, 300)
+    d = scheduler.Daemon(home, ["agent"])
+    d.start = lambda *a: (_ for _ in ()).throw(AssertionError("started before its tree"))
+    d.schedule()
+    assert list(d.builders) == [job_id] and not workdirs.ready(home, job_id)
+    assert _settle(d, con, job_id) == [job_id]
+    assert len(os.listdir(os.path.join(home.work(job_id), "d0"))) == 100
+    assert [n for n in os.listdir(home.job_dir(job_id)) if n.startswith("work.tmp")] == []
+
+
+def test_a_build_that_fails_fails_the_job_and_says_why(tmp_path):
+    for files in (3, 100):  # in the daemon, and in a child
+        home = _home(tmp_path / str(files))
+        con, job_id, _ = _queue(home, files, lose=[b"file 1\n"])
+        d = scheduler.Daemon(home, ["agent"])
+        assert _settle(d, con, job_id) == []
+        row = db.get(con, job_id)
+        assert row["state"] == "failed" and row["ended_at"]
+        assert row["message"].startswith("cannot build its work dir: blob ") and "not in the store" in row["message"]
+        with open(home.log(job_id)) as f:
+            assert "rtrain: cannot build the job's work dir: blob" in f.read()
+        assert not os.path.exists(home.work(job_id))
+
+
+def test_at_most_max_builders_at_once_in_queue_order(tmp_path):
+    home = _home(tmp_path)
+    jobs = [_queue(home, 100)[1] for _ in range(workdirs.MAX_BUILDERS + 2)]
+    con = db.connect(home.db)
+    d = scheduler.Daemon(home, ["agent"])
+    d.start = lambda row, uuids, fds: con.execute("UPDATE jobs SET state='running' WHERE id=?",
+                                                  (row["id"],))
+    d.schedule()
+    assert sorted(d.builders) == jobs[:workdirs.MAX_BUILDERS]
+    deadline = time.time() + 30
+    while any(db.get(con, j)["state"] == "queued" for j in jobs) and time.time() < deadline:
+        d.reap()
+        d.schedule()
+        assert len(d.builders) <= workdirs.MAX_BUILDERS
+        time.sleep(0.02)
+    assert all(db.get(con, j)["state"] == "running" for j in jobs)
