@@ -65,12 +65,16 @@ def bench_rtrain(n, tmp):
         submit_s.append(time.perf_counter() - t)
     t0 = time.perf_counter()
     run("cancel", blocker)
+    # watch the stamps, not `rtrain status`: a CLI call every few ms would steal the CPU the
+    # queue drains with (tsp's side below waits the same way)
+    while len(stamps.read_text().split()) < n:
+        time.sleep(0.01)
+    drain = time.perf_counter() - t0
     while True:
         jobs = json.loads(run("status", "--json", "--all").stdout)
         if all(j["state"] in ("succeeded", "failed", "cancelled") for j in jobs):
             break
         time.sleep(0.2)
-    drain = time.perf_counter() - t0
     g, _ = gaps(stamps)
     by_id = {j["id"]: j for j in jobs}
     # end of one job (its wrapper saw it exit) -> the daemon marks the next one started

@@ -1,10 +1,13 @@
 #!/usr/bin/env python3
 """Start-up cost: `rtrain --version` and `rtrain status` (empty history, local host) against a
-bare `python -c pass`, in one run; then `rtrain status` with 10,000 jobs in the history.
-Usage: python3 bench/startup.py [--runs 20] [--jobs 10000]"""
+bare `python -c pass`, in one run; then `rtrain status` with 10,000 jobs in the history, on the
+local host and, as root (it starts its own sshd for the user rtrain-bench), over SSH on
+loopback, next to a bare paramiko connect + exec of `true`.
+Usage: python3 bench/startup.py [--runs 20] [--jobs 10000] [--no-ssh]"""
 import argparse
 import os
-import sqlite3
+import pwd
+import shutil
 import statistics
 import subprocess
 import sys
@@ -40,10 +43,50 @@ def fill(home, n):
                                                         now - 3700 + i * 0.1, jid))
 
 
+def ssh_status(n, runs, tmp):
+    """(rtrain status over ssh with n jobs, the same with --json --all, paramiko connect+exec)."""
+    sys.path.insert(0, str(REPO / "tests"))
+    sys.path.insert(0, str(REPO / "tests" / "integration"))
+    import conftest
+    user = "rtrain-bench"  # the integration tests' teardown kills their users' processes
+    if subprocess.run(["id", user], capture_output=True).returncode != 0:
+        subprocess.run(["useradd", "-m", "-s", "/bin/bash", user], check=True, capture_output=True)
+        subprocess.run(["usermod", "-p", "*", user], check=True, capture_output=True)
+    (tmp / "sshd").mkdir(parents=True)
+    for d in (tmp.parent, tmp):
+        os.chmod(str(d), 0o755)
+    sshd = conftest.Sshd(tmp / "sshd")
+    try:
+        shutil.copyfile(str(sshd.root / "authkeys" / "root"), str(sshd.root / "authkeys" / user))
+        pw = pwd.getpwnam(user)
+        home = Path(pw.pw_dir) / (".rtrain-startup-%d" % os.getpid())
+        fill(home, n)
+        subprocess.run(["chown", "-R", "%s:%s" % (user, user), str(home)], check=True)
+        hosts = tmp / "hosts.yaml"
+        hosts.write_text("hosts:\n  tower:\n    ssh: %s@127.0.0.1:%d\n    identity_file: %s\n"
+                         "    home: %s\n" % (user, sshd.port, sshd.user_key, home))
+        env = dict(sshd.env(), RTRAIN_HOME=str(tmp / "local-home"))
+        rt = [sys.executable, "-m", "launcher", "--hosts", str(hosts)]
+        timed(rt + ["status", "--host", "tower"], env, 1)  # ships the agent once
+        st = timed(rt + ["status", "--host", "tower"], env, runs)
+        st_json = timed(rt + ["status", "--host", "tower", "--json", "--all"], env, max(3, runs // 2))
+        pm = timed([sys.executable, "-c", (
+            "import paramiko\nc = paramiko.SSHClient()\nc.load_host_keys(%r)\n"
+            "c.set_missing_host_key_policy(paramiko.RejectPolicy())\n"
+            "c.connect('127.0.0.1', port=%d, username=%r, key_filename=%r, allow_agent=False, "
+            "look_for_keys=False)\n_, o, _ = c.exec_command('true')\no.channel.recv_exit_status()\n"
+            "c.close()\n") % (str(sshd.known_hosts), sshd.port, user, str(sshd.user_key))], env, runs)
+        shutil.rmtree(str(home), ignore_errors=True)
+        return st, st_json, pm
+    finally:
+        sshd.stop()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--jobs", type=int, default=10000)
+    ap.add_argument("--no-ssh", action="store_true", help="skip the part over SSH")
     a = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="rtrain-startup-"))
     env = dict(os.environ, RTRAIN_HOME=str(tmp / "home"), PYTHONPATH=str(REPO),
@@ -65,6 +108,14 @@ def main():
         st * 1000, (st - bare) * 1000, st / bare))
     print("  rtrain status, %d jobs          %7.1f ms" % (a.jobs, st10k * 1000))
     print("  rtrain status --json --all, %d  %7.1f ms" % (a.jobs, st10k_json * 1000))
+    if a.no_ssh or os.geteuid() != 0 or not shutil.which("sshd") and not os.path.exists("/usr/sbin/sshd"):
+        print("  (over SSH: skipped; run as root with openssh-server installed)")
+        return
+    st, st_json, pm = ssh_status(a.jobs, a.runs, tmp / "ssh")
+    print("over SSH on 127.0.0.1, %d jobs in the history:" % a.jobs)
+    print("  paramiko connect + exec true        %7.1f ms" % (pm * 1000))
+    print("  rtrain status                       %7.1f ms   (%.2fx)" % (st * 1000, st / pm))
+    print("  rtrain status --json --all          %7.1f ms" % (st_json * 1000))
 
 
 if __name__ == "__main__":

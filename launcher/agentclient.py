@@ -78,7 +78,7 @@ class AgentClient:
 
         def run():
             try:
-                box[0] = self.transport.start([self.transport.python, self.agent_path(), verb])
+                box[0] = self.transport.start(self._argv(verb))
             except BaseException as e:  # noqa: BLE001 - handed to the call that uses it
                 box[1] = e
 
@@ -99,10 +99,15 @@ class AgentClient:
             return None
         return box[0]
 
+    def _argv(self, verb):
+        # -S: no site-packages. The agent needs the standard library only, and `site` (every
+        # .pth file of the host's Python, conda's above all) costs 20-30 ms or more per call.
+        return [self.transport.python, "-S", self.agent_path(), verb]
+
     def _start(self, verb, req):
         proc = self._take_prestarted(verb)
         if proc is None:
-            proc = self.transport.start([self.transport.python, self.agent_path(), verb])
+            proc = self.transport.start(self._argv(verb))
         body = dict(self.base_request())
         body.update(req)
         try:

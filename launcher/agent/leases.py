@@ -141,14 +141,16 @@ def open_waiter(path):
     return fds[0], fds[1]
 
 
-def wake_waiters(lock_dir):
-    """Poke every daemon that waits for GPUs in lock_dir (any user's)."""
+def wake_waiters(lock_dir, skip=None):
+    """Poke every daemon that waits for GPUs in lock_dir (any user's), but the one whose
+    waiter_path is `skip` (the caller's own daemon, told another way)."""
     try:
         names = os.listdir(lock_dir)
     except OSError:
         return
+    skip = os.path.basename(skip) if skip else None
     for name in names:
-        if not (name.startswith("wake-") and name.endswith(".fifo")):
+        if not (name.startswith("wake-") and name.endswith(".fifo")) or name == skip:
             continue
         try:
             fd = os.open(os.path.join(lock_dir, name),

@@ -14,8 +14,9 @@ AGENT_VERSION = "0.1.0"
 def agent_argv():
     """How to start this agent again (for the daemon): the zipapp, or the package in a checkout."""
     argv0 = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    flags = ["-S"] if sys.flags.no_site else []
     if argv0.endswith(".pyz"):
-        return [sys.executable, argv0]
+        return [sys.executable] + flags + [argv0]
     return [sys.executable, "-m", __package__]
 
 

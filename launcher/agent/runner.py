@@ -108,7 +108,8 @@ def _wrap(home, job, lock_fds, poke, state):
         "cancelled": state["cancelled"] or os.path.exists(home.cancel_file(job_id))}, durable=False)
     poke()
     if lock_fds and job.get("lock_dir"):
-        leases.wake_waiters(job["lock_dir"])  # other users' daemons waiting for these GPUs
+        # other users' daemons waiting for these GPUs (ours was poked above)
+        leases.wake_waiters(job["lock_dir"], skip=leases.waiter_path(job["lock_dir"], home.root))
     fsutil.fsync_path(home.exit_file(job_id))
     fsutil.fsync_path(home.job_dir(job_id))
     return 0

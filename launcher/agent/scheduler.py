@@ -29,14 +29,29 @@ IDLE_EXIT_S = float(os.environ.get("RTRAIN_DAEMON_IDLE_S", "600"))
 SNAPSHOT_MAX_AGE_S = 2.0
 
 
+_config_cache = {}
+
+
 def load_config(home):
+    """The host settings the last submit brought (config.json), re-read when it changes."""
+    try:
+        st = os.stat(home.config)
+        stamp = (st.st_mtime_ns, st.st_ino, st.st_size)
+    except OSError:
+        stamp = None
+    cached = _config_cache.get(home.config)
+    if cached is not None and stamp is not None and cached[0] == stamp:
+        return dict(cached[1])
     cfg = fsutil.read_json(home.config) or {}
-    return {
+    cfg = {
         "mem_busy_mib": int(cfg.get("mem_busy_mib", 1024)),
         "visible": cfg.get("visible"),
         "lock_dir": cfg.get("lock_dir") or None,
         "nvidia_smi": cfg.get("nvidia_smi") or "nvidia-smi",
     }
+    if stamp is not None:
+        _config_cache[home.config] = (stamp, cfg)
+    return dict(cfg)
 
 
 def gpu_units(cfg, sessions=()):
