@@ -153,15 +153,9 @@ class AgentClient:
                     return self._reply(proc, line, verb)  # raises: not JSON
                 if not isinstance(frame, dict) or "protocol" in frame:
                     break
-                for chunk in respond(frame):
-                    try:
-                        proc.write(chunk)
-                    except (HostError, OSError):
-                        # the agent stopped reading: if it failed (disk full...), its reply says why
-                        line = _readline_quietly(proc)
-                        if not line:
-                            raise
-                        return self._reply(proc, line, verb)
+                early = _send(proc, respond(frame))
+                if early is not None:
+                    return self._reply(proc, early, verb)
         except BaseException:
             proc.kill()
             raise
@@ -174,15 +168,9 @@ class AgentClient:
         proc = self._start(verb, req or {})
         try:
             if payload is not None:
-                for chunk in payload:
-                    try:
-                        proc.write(chunk)
-                    except (HostError, OSError):
-                        # the agent stopped reading: if it failed (disk full...), its reply says why
-                        line = _readline_quietly(proc)
-                        if not line:
-                            raise
-                        return self._reply(proc, line, verb)
+                early = _send(proc, payload)
+                if early is not None:
+                    return self._reply(proc, early, verb)
             proc.close_stdin()
             line = proc.readline()
         except BaseException:
@@ -262,6 +250,21 @@ class AgentClient:
                              check="python", permanent=True)
         return HostError(self.name, "the agent's %s call ended without a reply (exit %s)%s" % (
             verb, rc, (": " + last) if last else ""), "run `rtrain hosts` to check the host; --debug shows more")
+
+
+def _send(proc, chunks):
+    """Write chunks to the agent. None when all went; the agent's reply line if it stopped
+    reading before the end (it failed: disk full...; its reply says why). Raises the write's
+    error when there is no reply to read either (the connection is gone)."""
+    for chunk in chunks:
+        try:
+            proc.write(chunk)
+        except (HostError, OSError):
+            line = _readline_quietly(proc)
+            if not line:
+                raise
+            return line
+    return None
 
 
 def _readline_quietly(proc):

@@ -1,7 +1,5 @@
 """The `rtrain` command: parses arguments, calls app, prints. The only module that prints or exits."""
 import argparse
-import json
-import os
 import sys
 
 from . import __version__

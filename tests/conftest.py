@@ -2,7 +2,6 @@
 GPU lock directory, a simulated nvidia-smi first on PATH) and a way to run the real CLI."""
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -12,7 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from support import REPO, SHARED, in_ci, need  # noqa: E402,F401
+from support import REPO, SHARED, in_ci, need, stop_agent  # noqa: E402,F401
 
 
 class World:
@@ -78,24 +77,7 @@ class World:
 
     def cleanup(self):
         """Stop the daemon and every job process this world started."""
-        pid = self.daemon_pid()
-        if pid:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
-        jobs = self.home / "jobs"
-        if jobs.is_dir():
-            for d in jobs.iterdir():
-                try:
-                    info = json.loads((d / "pid.json").read_text())
-                except (OSError, ValueError):
-                    continue
-                for pid, group in ((info.get("pgid"), True), (info.get("wrapper_pid"), False)):
-                    try:
-                        (os.killpg if group else os.kill)(pid, signal.SIGKILL)
-                    except (OSError, TypeError):
-                        pass
+        stop_agent(self.home)
 
 
 @pytest.fixture

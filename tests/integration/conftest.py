@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from support import REPO, in_ci, need
+from support import REPO, need
 
 USERS = ("rtrain-alice", "rtrain-bob", "rtrain-nopy")
 

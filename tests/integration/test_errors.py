@@ -10,7 +10,6 @@ import errno
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ import uuid
 import pytest
 
 import fakesmi
-from support import REPO, need
+from support import REPO, need, stop_agent
 
 TERMINAL = ("succeeded", "failed", "cancelled", "lost")
 
@@ -193,26 +192,6 @@ def test_more_gpus_than_the_host_has_over_ssh(sshd, smi, tmp_path, src):
 
 
 # ------------------------------------------------------------------ RTRAIN_HOME on the host
-
-def stop_agent(home):
-    """Kill, by pid, the daemon and the job processes of the agent whose RTRAIN_HOME is `home`."""
-    targets = []
-    try:
-        targets.append((int((home / "daemon.lock").read_text().strip()), False))
-    except (OSError, ValueError):
-        pass
-    for f in home.glob("jobs/*/pid.json"):
-        try:
-            info = json.loads(f.read_text())
-        except (OSError, ValueError):
-            continue
-        targets += [(info.get("pgid"), True), (info.get("wrapper_pid"), False)]
-    for pid, group in targets:
-        try:
-            (os.killpg if group else os.kill)(pid, signal.SIGKILL)
-        except (OSError, TypeError):
-            pass
-
 
 def mount_small_disk(d, owner=None):
     """Mount a 2 MiB tmpfs on d (mode 0700, owned by `owner`); returns its unmount function."""

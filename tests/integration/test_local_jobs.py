@@ -1,10 +1,7 @@
 """End to end on the built-in `local` host, through the real `rtrain` CLI and a real daemon."""
 import json
-import os
-import signal
 import time
 
-import pytest
 
 
 def test_submit_status_logs_and_exit_code(world):

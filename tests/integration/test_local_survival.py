@@ -3,12 +3,9 @@ never share a GPU; every job runs on its own snapshot."""
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import pytest
 
 from test_local_jobs import _alive
 

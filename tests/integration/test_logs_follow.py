@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from support import stop_agent
+
 JOB = r'''
 import os, sys, time
 stop, code = sys.argv[1], int(sys.argv[2])
@@ -162,22 +164,7 @@ def _homes(hosts_file):
 
 def _clean_home(home):
     """Stop what a test left on the host, by pid (daemon, jobs), and remove its RTRAIN_HOME."""
-    targets = []
-    try:
-        targets.append((int((home / "daemon.lock").read_text().strip()), False))
-    except (OSError, ValueError):
-        pass
-    for f in home.glob("jobs/*/pid.json"):
-        try:
-            info = json.loads(f.read_text())
-        except (OSError, ValueError):
-            continue
-        targets += [(info.get("pgid"), True), (info.get("wrapper_pid"), False)]
-    for pid, group in targets:
-        try:
-            (os.killpg if group else os.kill)(pid, signal.SIGKILL)
-        except (OSError, TypeError):
-            pass
+    stop_agent(home)
     import shutil
     shutil.rmtree(home, ignore_errors=True)
 

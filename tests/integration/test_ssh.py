@@ -1,18 +1,14 @@
 """rtrain over a real OpenSSH sshd on 127.0.0.1, end to end through the CLI."""
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
-from support import REPO
 
 
 def rt(sshd, hosts, *args, cwd, env=None, check=True, timeout=90):
@@ -114,7 +110,7 @@ def test_editing_after_submit_over_ssh(sshd, tower):
 def test_two_unix_users_share_a_tower(sshd, tmp_path):
     import fakesmi
     fakesmi.write_state(sshd.bin_dir / "nvidia-smi-state.json", gpus=4)
-    rec = Path(tempfile_dir := (sshd.root / ("rec-%d" % os.getpid())))
+    rec = sshd.root / ("rec-%d" % os.getpid())
     rec.mkdir(exist_ok=True)
     os.chmod(rec, 0o1777)
     worlds = []

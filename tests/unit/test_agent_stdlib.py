@@ -1,7 +1,6 @@
 """The agent needs nothing but the standard library: run every verb from the shipped zipapp
 under `python3 -I -S` (no site-packages at all) and check what got imported."""
 import json
-import os
 import subprocess
 import sys
 import textwrap
