@@ -1,5 +1,6 @@
-"""launcher/agent/gpus.py against every real nvidia-smi capture in shared/fixtures/nvidia-smi, and the
-simulated nvidia-smi (tests/fakes/nvidia-smi) against the same captures."""
+"""launcher/agent/gpus.py against every real nvidia-smi capture (tests/fixtures/nvidia-smi, a
+verbatim copy of shared/fixtures/nvidia-smi, with its SOURCES.md and NOTES.md), and the simulated
+nvidia-smi (tests/fakes/nvidia-smi) against the same captures."""
 import ast
 import json
 import os
@@ -14,7 +15,8 @@ from launcher.agent import gpus
 from launcher.agent.gpus import NvidiaSmiError
 
 REPO = Path(__file__).resolve().parents[2]
-FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "nvidia-smi"
+FIXTURES = REPO / "tests" / "fixtures" / "nvidia-smi"
+SHARED_FIXTURES = REPO.parent / "shared" / "fixtures" / "nvidia-smi"
 FAKE = REPO / "tests" / "fakes" / "nvidia-smi"
 sys.path.insert(0, str(REPO / "tests"))
 import fakesmi  # noqa: E402
@@ -26,6 +28,16 @@ def fx(name):
             pytest.fail("CI=true but the nvidia-smi captures are missing: %s" % FIXTURES)
         pytest.skip("real nvidia-smi captures not available at %s" % FIXTURES)
     return (FIXTURES / name).read_text()
+
+
+def test_the_captures_are_the_shared_ones():
+    """The copy in tests/ is the shared set, file for file (where the shared folder is here)."""
+    if not SHARED_FIXTURES.is_dir():
+        pytest.skip("no shared/ next to this checkout to compare with")
+    names = sorted(p.name for p in SHARED_FIXTURES.iterdir())
+    assert sorted(p.name for p in FIXTURES.iterdir()) == names
+    for n in names:
+        assert (FIXTURES / n).read_bytes() == (SHARED_FIXTURES / n).read_bytes(), n
 
 
 def header_fields(text):
