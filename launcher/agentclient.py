@@ -113,7 +113,16 @@ class AgentClient:
         try:
             proc.write(json.dumps(body).encode("utf-8") + b"\n")
         except (HostError, OSError) as e:
-            # the process may be gone already (a prestarted one above all): say why if it can
+            # the process may be gone already (a prestarted one above all): say why if it can,
+            # from its reply (an agent that refused to start: python too old) or its exit
+            line = _readline_quietly(proc)
+            if line.endswith(b"\n"):
+                try:
+                    self._reply(proc, line, verb)  # raises the agent's error
+                except (HostError, AgentReplyError):
+                    raise
+                except Exception:  # noqa: BLE001 - not a reply: the write's error stands
+                    raise e
             try:
                 rc = proc.wait()
                 err = proc.stderr().strip()
@@ -137,11 +146,15 @@ class AgentClient:
         """Run a verb that may ask for more mid-way: each frame it writes before its reply (a
         JSON line without "protocol") goes to respond(frame), which returns an iterable of bytes
         to send back on its stdin. stdin stays open until the reply (the agent takes a closed
-        one as the client having gone away). Returns the result, or raises like call()."""
+        one as the client having gone away). Returns the result, or raises like call().
+        A HostError raised once the whole request was written (the request line and all that
+        respond() returned) has `request_sent` True: the agent may have acted on it and its
+        reply been lost. Before that (False) the agent cannot have had the whole request."""
         return self._shipping(lambda: self._exchange(verb, req, respond))
 
     def _exchange(self, verb, req, respond):
         proc = self._start(verb, req or {})
+        sent = True  # the request line is written
         try:
             while True:
                 line = proc.readline()
@@ -153,9 +166,15 @@ class AgentClient:
                     return self._reply(proc, line, verb)  # raises: not JSON
                 if not isinstance(frame, dict) or "protocol" in frame:
                     break
+                sent = False
                 early = _send(proc, respond(frame))
                 if early is not None:
                     return self._reply(proc, early, verb)
+                sent = True
+        except HostError as e:
+            e.request_sent = sent
+            proc.kill()
+            raise
         except BaseException:
             proc.kill()
             raise
@@ -227,12 +246,16 @@ class AgentClient:
         except ValueError:
             proc.wait()
             raise HostError(self.name, "the agent answered %r instead of JSON" % line[:200],
-                            "run `rtrain hosts` to check the host")
+                            "run `rtrain hosts` to check the host", permanent=True)
         if reply.get("protocol") != PROTOCOL:
             raise HostError(self.name, "agent speaks protocol %s, this rtrain speaks %s" % (
-                reply.get("protocol"), PROTOCOL), "upgrade rtrain on this machine")
+                reply.get("protocol"), PROTOCOL), "upgrade rtrain on this machine", permanent=True)
         if not reply.get("ok"):
             e = reply.get("error") or {}
+            if e.get("code") == "python_too_old":  # the zipapp's own check (agentpkg._MAIN)
+                raise HostError(self.name, e.get("message") or "%s on the host is older than 3.8" % (
+                    self.transport.python), "rtrain needs Python >= 3.8 there; set `python:` for this "
+                    "host in hosts.yaml to one", check="python", permanent=True)
             raise AgentReplyError(self.name, e.get("code", "error"), e.get("message", "agent error"),
                                   e.get("hint", ""), e.get("data"))
         return reply.get("result")

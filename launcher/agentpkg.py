@@ -9,9 +9,24 @@ _PKG = "rtrain_agent"
 # bytecode there): about 40 ms per agent call. So the first run unpacks the package next to the
 # zip (agent-HASH.d/, atomically: temp dir + rename), where Python keeps its __pycache__, and
 # every run imports from there. If that cannot be done (read-only home...), it runs from the zip.
+# It first checks the Python version: this file must itself stay valid Python 3.0 syntax, so
+# that an older python3 on a host answers with one JSON reply instead of failing somewhere odd.
 _MAIN = b"""\
-import os
 import sys
+
+if sys.version_info < (3, 8):
+    import json
+    _v = "%d.%d" % tuple(sys.version_info[:2])
+    sys.stdout.write(json.dumps({"protocol": 1, "ok": False, "error": {
+        "code": "python_too_old",
+        "message": "Python %s at %s is too old for the rtrain agent, which needs 3.8 or newer" % (
+            _v, sys.executable or "python3"),
+        "hint": "set `python:` for this host in hosts.yaml to a Python >= 3.8 there",
+        "data": {"version": _v, "executable": sys.executable}}}) + "\\n")
+    sys.stdout.flush()
+    sys.exit(1)
+
+import os  # noqa: E402
 
 
 def _unpacked(pyz):

@@ -98,11 +98,17 @@ def command_string(argv):
 
 # ------------------------------------------------------------------ submit
 
+SUBMIT_RETRIES = 2       # after a reply lost to a dropped connection, ask the host again this often
+SUBMIT_RETRY_DELAY_S = 1.0  # then 2 s
+
+
 def submit(session, argv, host=None, gpus=0, name=None, priority=0, retries=0, env=None,
-           root=".", confirm_large=None, progress=None, events=None):
+           root=".", confirm_large=None, progress=None, events=None, sleep=time.sleep):
     """Sync `root`, queue the command, return the job (decorated with host and id).
     confirm_large(manifest_info) -> bool is asked when the tree is larger than the host allows.
-    progress(sent, total) reports upload bytes. events(kind, detail) reports steps."""
+    progress(sent, total) reports upload bytes. events(kind, detail) reports steps, among them
+    ("retry", {"attempt", "of", "error", "delay"}) when the connection dropped after the whole
+    request was sent and the host is asked again (see _recover)."""
     from . import sync
     command = command_string(argv)
     events = events or (lambda *a: None)
@@ -139,10 +145,52 @@ def submit(session, argv, host=None, gpus=0, name=None, priority=0, retries=0, e
             return ()
         return _upload(root, manifest, frame["missing"] or [], progress, events)
 
-    res = client.exchange("submit", req, respond)
+    try:
+        res = client.exchange("submit", req, respond)
+    except HostError as e:
+        if e.permanent or not e.request_sent:
+            # before the agent had the whole request (the request line, every blob asked for)
+            # it cannot have queued the job: the error, with its "run the command again", stands
+            raise
+        res = _recover(session, host, req, e, events, sleep)
     job = _decorate(session, host, res["job"])
     job["uploaded"] = manifest.get("_uploaded", 0)
     return job
+
+
+def _recover(session, host, req, err, events, sleep):
+    """The connection dropped after the agent had the whole submit: it may have queued the job
+    and its reply been lost, or not. Reconnect (with backoff, up to SUBMIT_RETRIES times) and
+    ask the host with the SAME token: the agent answers with the job it queued for it
+    ("duplicate"). What is never done is queue it anew: a job that was not queued stays so (the
+    agent queues nothing for a client that went away), and the user is told to check."""
+    lookup = {"token": req["token"], "lookup": True}
+    last = err
+    for attempt in range(1, SUBMIT_RETRIES + 1):
+        delay = SUBMIT_RETRY_DELAY_S * (2 ** (attempt - 1))
+        events("retry", {"attempt": attempt, "of": SUBMIT_RETRIES, "error": last, "delay": delay})
+        session.reset(host)
+        sleep(delay)
+        try:
+            res = session.client(host).call("submit", lookup)
+        except AgentReplyError as e:
+            if e.code != "not_queued":
+                raise
+            raise HostError(host, "the connection dropped before the host answered (%s); the host "
+                            "holds no job from this submit, so it was most likely not queued" % err.detail,
+                            "check with `rtrain status`, and submit again if the job is not there")
+        except HostError as e:
+            if e.permanent:
+                raise
+            last = e
+            continue
+        if res.get("duplicate"):
+            return res
+        raise HostError(host, "the host queued a second job (%s) when asked about the first" % (
+            res["job"]["id"]), "check with `rtrain status` and cancel the one you do not want")
+    raise HostError(host, "connection lost after the job was sent (%s); the job may or may not "
+                    "be queued" % last.detail, "check with `rtrain status` (not by submitting "
+                    "again, which could queue it twice) once the host can be reached")
 
 
 def _upload(root, manifest, hashes, progress, events):
@@ -486,6 +534,12 @@ def doctor(session, host=None):
                 free = sum(1 for u in g["gpus"] if u["state"] == "free")
                 out.append({"name": "nvidia-smi", "ok": True, "detail": "%d GPU(s), %d free" % (
                     len(g["gpus"]), free), "fix": ""})
+                if g.get("lock_dir_problem"):
+                    out.append({"name": "leases", "ok": False, "detail": g["lock_dir_problem"],
+                                "fix": "GPU jobs wait until it is fixed; CPU jobs run"})
+                elif g.get("lock_dir"):
+                    out.append({"name": "leases", "ok": True, "detail": "GPU leases in %s" % (
+                        g["lock_dir"]), "fix": ""})
         except RtrainError as e:
             out.append({"name": "nvidia-smi", "ok": False, "detail": e.message, "fix": e.hint})
         free = hello.get("disk_free")

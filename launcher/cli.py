@@ -22,14 +22,17 @@ def build_parser():
         description="Queue training jobs on a GPU tower, a cloud VM or this machine; "
                     "each job runs on its own snapshot of your code, on free GPUs.")
     p.add_argument("--version", action="version", version="rtrain %s" % __version__)
-    p.add_argument("--hosts", metavar="FILE", help="hosts file to use (default: search, see below)")
-    p.add_argument("--accept-new-host-key", action="store_true",
-                   help="trust an unknown SSH host key and add it to known_hosts "
-                        "(like StrictHostKeyChecking=accept-new; a changed key is still refused)")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    _add_common(p)
+    # the same options after the verb (`rtrain status --debug`); SUPPRESS: given there, they
+    # set the value, and not given there they leave the one from before the verb alone
+    common = argparse.ArgumentParser(add_help=False)
+    _add_common(common, default=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="verb", metavar="COMMAND")
 
-    s = sub.add_parser("submit", help="sync this directory and queue a command",
+    def verb(name, **kw):
+        return sub.add_parser(name, parents=[common], **kw)
+
+    s = verb("submit", help="sync this directory and queue a command",
                        description="Snapshot the current directory (the files git would take), send "
                                    "what the host lacks, and queue CMD there.")
     s.add_argument("--host", help="host from hosts.yaml (default: the default host, else the one "
@@ -48,7 +51,7 @@ def build_parser():
     s.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]",
                    help="the command; a single argument is run by the shell as written")
 
-    st = sub.add_parser("status", help="list jobs, or show one job")
+    st = verb("status", help="list jobs, or show one job")
     st.add_argument("job", nargs="?", help="a job id (12 or host:12)")
     st.add_argument("--json", action="store_true", help="machine-readable output")
     st.add_argument("--host", help="only this host")
@@ -59,28 +62,40 @@ def build_parser():
     st.add_argument("-n", "--limit", type=int, default=30, metavar="N",
                     help="show at most N finished jobs per host (default 30; --all shows every one)")
 
-    lg = sub.add_parser("logs", help="print or follow a job's log")
+    lg = verb("logs", help="print or follow a job's log")
     lg.add_argument("job")
     lg.add_argument("-f", "--follow", action="store_true",
                     help="stream until the job ends; exit with its exit code; Ctrl-C detaches")
     lg.add_argument("-n", "--tail", type=int, metavar="N", help="start N lines from the end")
 
-    c = sub.add_parser("cancel", help="cancel a queued or running job")
+    c = verb("cancel", help="cancel a queued or running job")
     c.add_argument("jobs", nargs="+", metavar="JOB")
 
-    pl = sub.add_parser("pull", help="copy files a job wrote to ./rtrain-out/JOB/")
+    pl = verb("pull", help="copy files a job wrote to ./rtrain-out/JOB/")
     pl.add_argument("job")
     pl.add_argument("paths", nargs="*", metavar="PATH",
                     help="files or folders in the job's work dir (default: all it wrote)")
     pl.add_argument("-o", "--output", metavar="DIR", help="where to put them (default ./rtrain-out/JOB)")
 
-    h = sub.add_parser("hosts", help="check each host: ssh, python, agent, nvidia-smi, disk")
+    h = verb("hosts", help="check each host: ssh, python, agent, nvidia-smi, disk")
     h.add_argument("host", nargs="?")
 
-    g = sub.add_parser("gpus", help="GPUs of every host: free, busy or unknown, and who holds them")
+    g = verb("gpus", help="GPUs of every host: free, busy or unknown, and who holds them")
     g.add_argument("--host")
     g.add_argument("--json", action="store_true")
     return p
+
+
+def _add_common(p, default=None):
+    """Options every verb takes, before or after the verb."""
+    def d(value):
+        return value if default is None else default
+    p.add_argument("--hosts", metavar="FILE", default=d(None),
+                   help="hosts file to use (default: search, see below)")
+    p.add_argument("--accept-new-host-key", action="store_true", default=d(False),
+                   help="trust an unknown SSH host key and add it to known_hosts "
+                        "(like StrictHostKeyChecking=accept-new; a changed key is still refused)")
+    p.add_argument("--debug", action="store_true", default=d(False), help="show tracebacks")
 
 
 def main(argv=None):

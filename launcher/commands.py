@@ -61,6 +61,8 @@ def cmd_status(args, session_factory):
                 limit=None if (args.all or args.json) else args.limit)
             if args.json:
                 print(json.dumps([render.job_json(j) for j in jobs], indent=2))
+                sys.stdout.flush()
+                render.host_errors(failures)  # stdout stays pure JSON; the why goes to stderr
                 break
             if args.watch:
                 render.clear()
@@ -127,6 +129,8 @@ def cmd_cancel(args, session_factory):
                 job = app.cancel(s, ref)
             except RtrainError as e:
                 sys.stderr.write("rtrain: error: %s\n" % e.message)
+                if e.hint:
+                    sys.stderr.write("  hint: %s\n" % e.hint)
                 code = 1
                 continue
             if job["was"] in ("queued", "running"):

@@ -15,9 +15,11 @@ HOST_KEYS = {
     "mem_busy_mib": "a GPU using more memory than this (MiB) is busy (default 1024)",
     "accept_new_host_key": "trust an unknown host key on first use (default false)",
     "connect_timeout": "seconds to wait for the host (default 10)",
+    "io_timeout": "seconds an SSH call may go without a byte from the host before it fails "
+                  "(default 60; `logs -f` has its own stall check)",
     "max_tree_mb": "ask before syncing a tree larger than this (default 100)",
     "env": "variables set for every job on this host",
-    "lock_dir": "shared directory of GPU lease files (default /tmp/rtrain-gpu-locks)",
+    "lock_dir": "shared sticky directory of GPU lease files (default /run/lock, else /tmp)",
     "nvidia_smi": "nvidia-smi command on the host (default nvidia-smi)",
 }
 TOP_KEYS = ("default", "hosts")
@@ -35,6 +37,7 @@ class Host:
     mem_busy_mib: int = 1024
     accept_new_host_key: bool = False
     connect_timeout: float = 10.0
+    io_timeout: float = 60.0
     max_tree_mb: int = 100
     env: Tuple[Tuple[str, str], ...] = ()
     lock_dir: Optional[str] = None
@@ -182,10 +185,11 @@ def _host(path, name, line, node):
             bad("gpus", "'all' or a list of GPU indexes or UUIDs")
     for key, typ, what in (("mem_busy_mib", int, "a whole number of MiB"),
                            ("max_tree_mb", int, "a whole number of MB"),
-                           ("connect_timeout", (int, float), "a number of seconds")):
+                           ("connect_timeout", (int, float), "a number of seconds"),
+                           ("io_timeout", (int, float), "a number of seconds above 0")):
         if key in data:
             v = data[key]
-            if isinstance(v, bool) or not isinstance(v, typ) or v < 0:
+            if isinstance(v, bool) or not isinstance(v, typ) or v < 0 or (key == "io_timeout" and v == 0):
                 bad(key, what)
             kw[key] = v
     if "accept_new_host_key" in data:

@@ -33,6 +33,7 @@ class HostError(RtrainError):
         self.detail = message  # without the host's name
         self.check = check     # which `rtrain hosts` check failed: None (ssh), "python", "disk"
         self.permanent = permanent  # trying again unchanged cannot help (a host key, no python)
+        self.request_sent = False   # set by AgentClient.exchange: the agent had the whole request
 
 
 class JobNotFound(RtrainError):

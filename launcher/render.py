@@ -68,8 +68,9 @@ def job_table(jobs, failures=(), hidden=0):
         exit_text = "-" if j["exit_code"] is None else str(j["exit_code"])
         if j.get("signal"):
             exit_text += " (%s)" % j["signal"]
-        t.add_row(str(j["id"]), j["name"], j["host"], "[%s]%s[/]" % (style, j["state"]) if style else j["state"],
-                  gp, when(j["submitted_at"]), when(j["started_at"]), duration(j, now), exit_text)
+        t.add_row(_txt(j["id"]), _txt(j["name"]), _txt(j["host"]), _txt(j["state"], style),
+                  _txt(gp), when(j["submitted_at"]), when(j["started_at"]), duration(j, now),
+                  _txt(exit_text))
     if jobs:
         con.print(t)
     elif not failures:
@@ -77,13 +78,19 @@ def job_table(jobs, failures=(), hidden=0):
     if hidden:
         con.print("[dim]%d older finished job%s not shown (rtrain status --all)[/]" % (
             hidden, "" if hidden == 1 else "s"))
-    for host, err in failures:
+    host_errors(failures)
+
+
+def host_errors(failures):
+    """`rtrain: error: ...` and its hint on stderr for each (host, error)."""
+    for _host, err in failures:
         sys.stderr.write("rtrain: error: %s\n" % err.message)
         if err.hint:
             sys.stderr.write("  hint: %s\n" % err.hint)
 
 
 def job_detail(job):
+    from rich.text import Text
     con = _console()
     rows = [
         ("job", "%s on %s" % (job["id"], job["host"])), ("name", job["name"]),
@@ -100,7 +107,8 @@ def job_detail(job):
     ]
     w = max(len(k) for k, _ in rows)
     for k, v in rows:
-        con.print("[bold]%s[/]  %s" % (k.ljust(w), v), soft_wrap=True, markup=True)
+        # values are the user's text (name, command, message) or the host's: never markup
+        con.print(Text.assemble((k.ljust(w), "bold"), "  ", _txt(v)), soft_wrap=True)
 
 
 def _full(ts):
@@ -109,6 +117,7 @@ def _full(ts):
 
 def gpu_table(results):
     from rich.table import Table
+    from rich.text import Text
     con = _console()
     t = Table(box=None, pad_edge=False, header_style="bold")
     for col in ("HOST", "GPU", "NAME", "MEMORY", "UTIL", "STATE", "HELD BY", "UUID"):
@@ -116,32 +125,35 @@ def gpu_table(results):
     notes = []  # long messages go under the table, whole, rather than wrapped in a cell
     for host, res, err in results:
         if err is not None:
-            t.add_row(host, "-", "[red]unreachable[/]", "", "", "[red]unknown[/]", "see below", "")
-            notes.append("[red]%s[/]%s" % (_esc(err.message), "" if not err.hint else
-                                           "\n  hint: %s" % _esc(err.hint)))
+            t.add_row(_txt(host), "-", "[red]unreachable[/]", "", "", "[red]unknown[/]", "see below", "")
+            notes.append(Text.assemble(_txt(err.message, "red"),
+                                       "" if not err.hint else _txt("\n  hint: %s" % err.hint)))
             continue
         if res.get("error"):
-            t.add_row(host, "-", "[red]nvidia-smi failed[/]", "", "", "[red]unknown[/]", "see below", "")
-            notes.append("[red]%s: %s[/]" % (_esc(host), _esc(res["error"]["message"])))
+            t.add_row(_txt(host), "-", "[red]nvidia-smi failed[/]", "", "", "[red]unknown[/]", "see below", "")
+            notes.append(_txt("%s: %s" % (host, res["error"]["message"]), "red"))
         elif not res["gpus"]:
-            t.add_row(host, "-", "no GPUs", "", "", "", "", "")
+            t.add_row(_txt(host), "-", "no GPUs", "", "", "", "", "")
             if not res.get("nvidia_smi_found", True):
-                notes.append("%s: nvidia-smi not found, so no GPUs (CPU jobs run)" % _esc(host))
+                notes.append(_txt("%s: nvidia-smi not found, so no GPUs (CPU jobs run)" % host))
         for u in res["gpus"]:
             mem = "-" if u.get("memory_total") is None else "%s/%s MiB" % (
                 "?" if u.get("memory_used") is None else u["memory_used"], u["memory_total"])
             util = "-" if u.get("utilization") is None else "%s%%" % u["utilization"]
             state = {"free": "[green]free[/]", "busy": "[yellow]busy[/]"}.get(u["state"], "[red]unknown[/]")
             held = u.get("holder") or (u.get("reason") or "")
-            t.add_row(host, str(u["index"]), u["name"], mem, util, state, held, u["uuid"])
+            t.add_row(_txt(host), _txt(u["index"]), _txt(u["name"]), _txt(mem), _txt(util), state,
+                      _txt(held), _txt(u["uuid"]))
     con.print(t)
     for n in notes:
         con.print(n, soft_wrap=True)
 
 
-def _esc(text):
-    from rich.markup import escape
-    return escape(str(text))
+def _txt(value, style=""):
+    """User or host text (job name, command, message, host, GPU name, error) as a rich Text:
+    printed as written, never parsed as markup (`[/]` or `[red]` in it stays as it is)."""
+    from rich.text import Text
+    return Text("" if value is None else str(value), style=style)
 
 
 def clear():
@@ -149,12 +161,15 @@ def clear():
 
 
 def confirm_large(info):
-    if not sys.stdin.isatty():
-        return False
+    """List the largest files of a tree over the limit; on a terminal ask whether to send it.
+    Elsewhere (a script, CI) the answer is no: the error after the list says --yes."""
     sys.stderr.write("The tree to sync holds %d files, %.1f MB (limit %.0f MB). Largest:\n" % (
         info["files"], info["total_size"] / 1e6, info["limit"] / 1e6))
     for path, size in info["largest"]:
         sys.stderr.write("  %10.1f MB  %s\n" % (size / 1e6, path))
+    if not sys.stdin.isatty():
+        sys.stderr.flush()
+        return False
     sys.stderr.write("Send it anyway? [y/N] ")
     sys.stderr.flush()
     return sys.stdin.readline().strip().lower() in ("y", "yes")
@@ -175,6 +190,12 @@ class Stderr:
             sys.stderr.write("rtrain: placing the job on %s\n" % detail)
         elif kind == "upload":
             self.t0 = time.monotonic()
+        elif kind == "retry":
+            self.done()
+            err = detail["error"]
+            sys.stderr.write("rtrain: connection lost (%s); retrying in %gs (%d of %d)\n" % (
+                getattr(err, "detail", err), detail["delay"], detail["attempt"], detail["of"]))
+            sys.stderr.flush()
 
     def progress(self, sent, total):
         if self.quiet or not sys.stderr.isatty() or self.t0 is None:
@@ -195,15 +216,17 @@ class Stderr:
 
 
 def doctor(results):
+    from rich.text import Text
     con = _console()
-    mark = {True: "[green]ok[/]  ", False: "[red]FAIL[/]", None: "[yellow]warn[/]"}
+    mark = {True: ("ok  ", "green"), False: ("FAIL", "red"), None: ("warn", "yellow")}
     for host, checks in results:
         bad = [c for c in checks if c["ok"] is False]
-        con.print("[bold]%s[/]: %s" % (host, "[red]not ready[/]" if bad else "[green]ready[/]"))
+        con.print(Text.assemble((str(host), "bold"), ": ", ("not ready", "red") if bad else ("ready", "green")))
         for c in checks:
-            con.print("  %s %-10s %s" % (mark[c["ok"]], c["name"], c["detail"]), soft_wrap=True)
+            con.print(Text.assemble("  ", mark[c["ok"]], " ", _txt(c["name"].ljust(10)), " ",
+                                    _txt(c["detail"])), soft_wrap=True)
             if c["ok"] is not True and c.get("fix"):
-                con.print("             fix: %s" % c["fix"], soft_wrap=True)
+                con.print(Text.assemble("             fix: ", _txt(c["fix"])), soft_wrap=True)
 
 
 class FileProgress:

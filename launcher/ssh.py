@@ -68,6 +68,18 @@ def _known_hosts_path(cfg_value=None):
     return os.path.expanduser("~/.ssh/known_hosts")
 
 
+def _global_known_hosts_paths(cfg_value=None):
+    """The system-wide known_hosts files, read-only: $RTRAIN_GLOBAL_KNOWN_HOSTS (paths separated
+    by spaces; set but empty: none), else GlobalKnownHostsFile from ~/.ssh/config, else
+    OpenSSH's default pair."""
+    env = os.environ.get("RTRAIN_GLOBAL_KNOWN_HOSTS")
+    if env is not None:
+        return [os.path.expanduser(p) for p in env.split()]
+    if cfg_value:
+        return [os.path.expanduser(p) for p in cfg_value.split()]
+    return ["/etc/ssh/ssh_known_hosts", "/etc/ssh/ssh_known_hosts2"]
+
+
 def parse_target(spec):
     """'user@host:port' or an alias -> (user or None, host, port or None)."""
     user = None
@@ -109,6 +121,7 @@ class Resolved:
         self.identities_only = conf.get("identitiesonly", "no").lower() == "yes"
         self.proxy_jump = conf.get("proxyjump")
         self.known_hosts = _known_hosts_path(conf.get("userknownhostsfile"))
+        self.global_known_hosts = _global_known_hosts_paths(conf.get("globalknownhostsfile"))
         self.timeout = float(host_cfg.connect_timeout)
         self.accept_new = False
 
@@ -160,16 +173,34 @@ def _known_line(path, name):
     return None
 
 
+def no_answer(host, timeout):
+    return HostError(host, "no answer from the host for %gs" % timeout,
+                     "the network or the host may be down: check with `rtrain hosts` "
+                     "(io_timeout in hosts.yaml sets the limit)")
+
+
 class _Channel(AgentProcess):
-    def __init__(self, chan, host):
+    """One exec channel. Reads and writes give up after `timeout` seconds without progress
+    (chan.settimeout): paramiko's keepalive never notices a peer that went silent (a network
+    that died without a reset), and TCP alone takes ~15 minutes to."""
+
+    def __init__(self, chan, host, timeout=None):
         self.chan = chan
         self.host = host
+        self.timeout = timeout
+        if timeout:
+            chan.settimeout(timeout)
         self.out = chan.makefile("rb", 65536)
         self._err = None
+
+    def _silent(self):
+        return no_answer(self.host, self.timeout)
 
     def write(self, data):
         try:
             self.chan.sendall(data)
+        except socket.timeout:
+            raise self._silent()
         except (OSError, EOFError) as e:
             raise HostError(self.host, "connection lost while sending: %s" % (e or type(e).__name__),
                             "run the command again")
@@ -183,13 +214,18 @@ class _Channel(AgentProcess):
     def readline(self):
         try:
             return self.out.readline()
+        except socket.timeout:
+            raise self._silent()
         except (OSError, EOFError) as e:
             raise HostError(self.host, "connection lost: %s" % (e or type(e).__name__),
                             "check the network; run the command again")
 
     def wait(self):
         self.close_stdin()
-        rc = self.chan.recv_exit_status()
+        # recv_exit_status() would wait forever on a silent network
+        if not self.chan.status_event.wait(self.timeout):
+            raise self._silent()
+        rc = self.chan.exit_status
         try:
             self._err = self.chan.makefile_stderr("rb").read()
         except (OSError, EOFError):
@@ -236,6 +272,17 @@ class SSHTransport(Transport):
             pass
         except (OSError, paramiko.SSHException) as e:
             raise HostError(self.name, "cannot read %s: %s" % (r.known_hosts, e))
+        known_files = [r.known_hosts]
+        # The system-wide files, read-only (accept-new writes the user's file only), when the
+        # user's file does not name this host: it comes first, as with OpenSSH (paramiko would
+        # put system keys first).
+        if client.get_host_keys().lookup(r.key_name) is None:
+            for path in r.global_known_hosts:
+                try:
+                    client.load_system_host_keys(path)
+                except (OSError, paramiko.SSHException):
+                    continue  # missing or unreadable: OpenSSH skips it too
+                known_files.append(path)
         client.set_missing_host_key_policy(_AcceptNew(r.known_hosts) if self.accept_new
                                            else paramiko.RejectPolicy())
         try:
@@ -244,17 +291,24 @@ class SSHTransport(Transport):
                            allow_agent=not r.identities_only,
                            look_for_keys=not r.identities_only and not r.key_files, sock=sock)
         except paramiko.BadHostKeyException as e:
-            line = _known_line(r.known_hosts, r.key_name)
-            where = "%s line %s" % (r.known_hosts, line) if line else r.known_hosts
+            kh, line = r.known_hosts, None
+            for path in known_files:
+                line = _known_line(path, r.key_name)
+                if line:
+                    kh = path
+                    break
+            where = "%s line %s" % (kh, line) if line else kh
             raise HostError(self.name, "HOST KEY CHANGED for %s: %s holds a different %s key" % (
                 r.key_name, where, e.expected_key.get_name()),
-                "if the host was reinstalled, remove the old key with `ssh-keygen -R '%s' -f %s`; "
-                "otherwise someone may be intercepting the connection" % (r.key_name, r.known_hosts),
+                "if the host was reinstalled, remove the old key with `ssh-keygen -R '%s' -f %s`%s; "
+                "otherwise someone may be intercepting the connection" % (
+                    r.key_name, kh, "" if kh == r.known_hosts else " (a system file: ask its admin)"),
                 permanent=True)
         except paramiko.SSHException as e:
             msg = str(e)
             if "not found in known_hosts" in msg:
-                raise HostError(self.name, "host key for %s is not in %s" % (r.key_name, r.known_hosts),
+                raise HostError(self.name, "host key for %s is not in %s" % (
+                    r.key_name, " nor in ".join(known_files)),
                                 "check the key and connect once with `ssh -p %d %s@%s`, or pass "
                                 "--accept-new-host-key" % (r.port, r.user, r.hostname), permanent=True)
             if isinstance(e, paramiko.AuthenticationException):
@@ -310,6 +364,7 @@ class SSHTransport(Transport):
 
     def _run(self, argv):
         chan = self._connect().get_transport().open_session(timeout=30)
+        chan.settimeout(self._io_timeout())
         chan.exec_command(" ".join(_quote(a) for a in argv))
         out = chan.makefile("rb").read()
         err = chan.makefile_stderr("rb").read()
@@ -328,6 +383,7 @@ class SSHTransport(Transport):
         paramiko = _paramiko()
         client = self._connect()
         sftp = client.open_sftp()
+        sftp.get_channel().settimeout(self._io_timeout())
         try:
             home = self.agent_home()
             if home.startswith("~/"):
@@ -338,8 +394,9 @@ class SSHTransport(Transport):
             try:
                 if sftp.stat(path).st_size == len(blob):
                     return path
-            except IOError:
-                pass
+            except IOError as e:
+                if isinstance(e, socket.timeout):
+                    raise
             tmp = "%s.tmp%d" % (path, os.getpid())
             try:
                 _mkdirs(sftp, home, 0o700)
@@ -352,12 +409,16 @@ class SSHTransport(Transport):
                 except IOError:
                     sftp.rename(tmp, path)
             except (IOError, paramiko.SSHException) as e:
+                if isinstance(e, socket.timeout):
+                    raise
                 try:
                     sftp.remove(tmp)
                 except (IOError, paramiko.SSHException):
                     pass
                 raise self._home_error(home, e, len(blob))
             return path
+        except socket.timeout:
+            raise no_answer(self.name, self._io_timeout())
         finally:
             sftp.close()
 
@@ -405,7 +466,10 @@ class SSHTransport(Transport):
             self.close()
             raise HostError(self.name, "connection lost: %s" % (e or type(e).__name__),
                             "check the network; run the command again")
-        return _Channel(chan, self.name)
+        return _Channel(chan, self.name, self._io_timeout())
+
+    def _io_timeout(self):
+        return float(getattr(self.cfg, "io_timeout", None) or 60.0)
 
     def close(self):
         self._gen += 1

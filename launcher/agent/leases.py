@@ -1,5 +1,9 @@
 """GPU leases as kernel locks: one flock per GPU UUID in a shared sticky directory.
 
+The directory is /run/lock (or /tmp) itself by default: root owns those, so no user can
+delete another's lease files, and nobody has to set anything up. Lease files and wake-up
+FIFOs carry an rtrain- prefix there.
+
 A job's processes inherit the locked file descriptions, so the lease lasts exactly as
 long as the job: when its last process dies, for any reason, the kernel frees it.
 Two users' agents on one machine share the directory and so never hand out one GPU twice.
@@ -11,53 +15,181 @@ import re
 import stat
 
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]")
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
+
+
+class LockDirError(Exception):
+    """The GPU lock directory can't be used safely. str(e) is one line: what is wrong, then
+    what to do (e.hint)."""
+
+    def __init__(self, message, hint=""):
+        Exception.__init__(self, message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self):
+        return "%s; %s" % (self.message, self.hint) if self.hint else self.message
+
+
+def _owner(uid):
+    try:
+        import pwd
+        return pwd.getpwuid(uid).pw_name
+    except (ImportError, KeyError):
+        return "uid %d" % uid
+
+
+def _problem(path):
+    """None if the existing lock directory at path is safe to share, else a LockDirError.
+    Safe: a real directory (not a symlink), owned by root or by us, and, if others can write
+    to it, sticky (else they could unlink our held lease files and hand the GPU out again)."""
+    fix = "create it as root: install -d -o root -m 1777 %s (or set lock_dir in hosts.yaml)" % path
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return LockDirError("the GPU lock dir %s does not exist" % path, fix)
+    except OSError as e:
+        return LockDirError("cannot read the GPU lock dir %s: %s" % (path, e.strerror), fix)
+    if stat.S_ISLNK(st.st_mode):
+        return LockDirError("the GPU lock dir %s is a symlink" % path, fix)
+    if not stat.S_ISDIR(st.st_mode):
+        return LockDirError("the GPU lock dir %s is not a directory" % path, fix)
+    if st.st_uid not in (0, os.getuid()):
+        return LockDirError("the GPU lock dir %s belongs to %s, who could delete other users' GPU "
+                            "leases" % (path, _owner(st.st_uid)), fix)
+    if st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
+        return LockDirError("the GPU lock dir %s is world-writable but not sticky: anyone could "
+                            "delete the GPU leases in it" % path, "chmod 1777 %s" % path)
+    if not os.access(path, os.W_OK | os.X_OK):
+        return LockDirError("the GPU lock dir %s is not writable by you" % path,
+                            "chmod 1777 %s" % path)
+    return None
+
+
+def check_dir(path):
+    """None if the lock directory at path exists and is safe to use, else a one-line message
+    (what is wrong; what to do)."""
+    problem = _problem(path)
+    return None if problem is None else str(problem)
 
 
 def ensure_dir(path):
-    """Create the shared lock directory world-writable and sticky (like /tmp)."""
-    if not os.path.isdir(path):
-        try:
-            os.makedirs(path, exist_ok=True)
-            os.chmod(path, 0o1777)
-        except PermissionError:
-            pass
+    """The shared lock directory at path, made (mode 1777, whatever the umask) if missing.
+    Raises LockDirError if it can't be made or is not safe to share (see _problem)."""
+    try:
+        os.lstat(path)
+    except FileNotFoundError:
+        _make_dir(path)
+    problem = _problem(path)
+    if problem is not None:
+        raise problem
     return path
 
 
+def _make_dir(path):
+    parent = os.path.dirname(path.rstrip("/")) or "/"
+    try:
+        os.makedirs(parent, exist_ok=True)
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        return  # made by someone else meanwhile: _problem judges it
+    except OSError as e:
+        raise LockDirError("cannot create the GPU lock dir %s: %s" % (path, e.strerror),
+                           "create it as root: install -d -o root -m 1777 %s (or set lock_dir "
+                           "in hosts.yaml)" % path)
+    # Made 0700 first, then opened without following links and opened up: nobody can swap it.
+    try:
+        fd = os.open(path, os.O_RDONLY | _DIRECTORY | _NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid():
+            os.fchmod(fd, 0o1777)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+LOCK_PREFIX = "rtrain-gpu-"      # lease files: LOCK_PREFIX + GPU UUID + ".lock"
+WAKE_PREFIX = "rtrain-wake-"     # wake-up FIFOs of waiting daemons (below)
+
+
 def lock_path(lock_dir, uuid):
-    return os.path.join(lock_dir, _SAFE.sub("_", uuid) + ".lock")
+    return os.path.join(lock_dir, LOCK_PREFIX + _SAFE.sub("_", uuid) + ".lock")
+
+
+# Another user may have put anything at a lock file's name (the directory is shared): a FIFO
+# (a plain open would block), a symlink, a device, a file we can't read. None of it may block
+# or crash a daemon: such a GPU just can't be leased now.
+_OPEN = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | getattr(os, "O_NOCTTY", 0) | \
+    getattr(os, "O_NOFOLLOW", 0)
 
 
 def _open(path):
-    # fs.protected_regular refuses O_CREAT on another user's file in a sticky dir:
-    # open an existing file without O_CREAT, and create it exclusively otherwise.
+    """An fd on the regular lock file at path (created if missing), or None."""
     for _ in range(3):
         try:
-            return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            if not stat.S_ISREG(os.lstat(path).st_mode):
+                return None  # don't even open a FIFO or a device
+            fd = os.open(path, _OPEN)
         except FileNotFoundError:
-            pass
-        try:
-            old = os.umask(0)
+            # fs.protected_regular refuses O_CREAT on another user's file in a sticky dir:
+            # open an existing file without O_CREAT, and create it exclusively otherwise.
             try:
-                return os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-            finally:
-                os.umask(old)
-        except FileExistsError:
-            continue
-    return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                fd = os.open(path, _OPEN | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                continue
+            except OSError:
+                return None
+            try:
+                os.fchmod(fd, 0o644)  # readable by all, whatever our umask (no umask(): threads)
+            except OSError:
+                pass
+        except OSError:
+            return None
+        try:
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                return fd
+        except OSError:
+            pass
+        os.close(fd)
+        return None
+    return None
 
 
 def try_acquire(lock_dir, uuid):
-    """An fd holding the lease on uuid, or None if another process holds it."""
-    fd = _open(lock_path(ensure_dir(lock_dir), uuid))
+    """An fd holding the lease on uuid, or None if it can't be had now: another process holds
+    it, or the lock dir or the lock file is not safe (see ensure_dir, _open). Never raises,
+    never blocks."""
+    if not lock_dir:
+        return None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        os.close(fd)
-        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+        ensure_dir(lock_dir)
+    except LockDirError:
+        return None
+    path = lock_path(lock_dir, uuid)
+    for _ in range(5):
+        fd = _open(path)
+        if fd is None:
             return None
-        raise
-    return fd
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return None  # EWOULDBLOCK: held; anything else: not leasable either
+        # A lock on a file that was unlinked or replaced meanwhile protects nothing: the next
+        # agent would lock the file now at that name. Take the lease on that one instead.
+        try:
+            st, now = os.fstat(fd), os.lstat(path)
+            if (st.st_dev, st.st_ino) == (now.st_dev, now.st_ino):
+                return fd
+        except OSError:
+            pass
+        os.close(fd)
+    return None
 
 
 def is_held(lock_dir, uuid):
@@ -70,6 +202,8 @@ def is_held(lock_dir, uuid):
 
 def holders(lock_dir):
     """{uuid-ish lock name: pid} for leases held right now, read from /proc/locks (Linux)."""
+    if not lock_dir:
+        return {}
     try:
         with open("/proc/locks") as f:
             lines = f.read().splitlines()
@@ -90,12 +224,15 @@ def holders(lock_dir):
     except OSError:
         return out
     for name in names:
-        if not name.endswith(".lock"):
+        if not (name.startswith(LOCK_PREFIX) and name.endswith(".lock")):
             continue
         try:
-            ino = os.stat(os.path.join(lock_dir, name)).st_ino
+            st = os.lstat(os.path.join(lock_dir, name))
         except OSError:
             continue
+        if not stat.S_ISREG(st.st_mode):
+            continue
+        ino = st.st_ino
         if ino in by_inode:
             out[name[:-5]] = by_inode[ino]
     return out
@@ -103,23 +240,26 @@ def holders(lock_dir):
 
 # ------------------------------------------------------------------ cross-user wake-ups
 # A daemon whose jobs wait for GPUs listens on a FIFO of its own in the shared lock directory
-# (wake-UID-HOME.fifo, writable by all, owned by its user); a job of any user that frees GPUs writes
+# (rtrain-wake-UID-HOME.fifo, writable by all, owned by its user); a job of any user that frees GPUs writes
 # a byte to each, so a GPU freed by someone else's job is taken within milliseconds too. The
 # directory is shared with other users: nothing here follows a symlink, and only FIFOs are
 # written to (one byte: the worst another user can do is wake a daemon for nothing).
 
-_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
-
 
 def waiter_path(lock_dir, home_root):
+    """The wake FIFO of the daemon of home_root in lock_dir (None without a lock dir)."""
+    if not lock_dir:
+        return None
     import hashlib
     tag = hashlib.sha256(home_root.encode("utf-8", "surrogateescape")).hexdigest()[:12]
-    return os.path.join(lock_dir, "wake-%d-%s.fifo" % (os.getuid(), tag))
+    return os.path.join(lock_dir, "%s%d-%s.fifo" % (WAKE_PREFIX, os.getuid(), tag))
 
 
 def open_waiter(path):
     """(read fd, write fd) of a daemon's wake FIFO (waiter_path), or None if it can't be had
     safely (then the daemon just polls)."""
+    if not path:
+        return None
     try:
         os.mkfifo(path, 0o600)
     except FileExistsError:
@@ -144,13 +284,15 @@ def open_waiter(path):
 def wake_waiters(lock_dir, skip=None):
     """Poke every daemon that waits for GPUs in lock_dir (any user's), but the one whose
     waiter_path is `skip` (the caller's own daemon, told another way)."""
+    if not lock_dir:
+        return
     try:
         names = os.listdir(lock_dir)
     except OSError:
         return
     skip = os.path.basename(skip) if skip else None
     for name in names:
-        if not (name.startswith("wake-") and name.endswith(".fifo")) or name == skip:
+        if not (name.startswith(WAKE_PREFIX) and name.endswith(".fifo")) or name == skip:
             continue
         try:
             fd = os.open(os.path.join(lock_dir, name),

@@ -1,8 +1,27 @@
 """Every path the agent uses, owned by one object (the submitit JobPaths idea)."""
 import os
+import stat
 
 DEFAULT_HOME = "~/.rtrain"
-DEFAULT_LOCK_DIR = "/tmp/rtrain-gpu-locks"
+
+
+def _default_lock_dir():
+    """Where this host's GPU lease files live by default: /run/lock where that is a root-owned
+    sticky world-writable dir (tmpfs on Debian, Ubuntu, Fedora, Arch: systemd-tmpfiles does not
+    age it, while it deletes files in /tmp untouched for 10 days, a lease file under a long job
+    included), else /tmp. Root owns both, so no user can delete another's leases (a dir made by
+    the first user would be theirs: leases.py refuses that) and there is nothing to set up."""
+    try:
+        st = os.lstat("/run/lock")
+    except OSError:
+        st = None
+    if st is not None and stat.S_ISDIR(st.st_mode) and st.st_uid == 0 and \
+            st.st_mode & (stat.S_IWOTH | stat.S_ISVTX) == stat.S_IWOTH | stat.S_ISVTX:
+        return "/run/lock"
+    return "/tmp"
+
+
+DEFAULT_LOCK_DIR = _default_lock_dir()
 
 
 def resolve_home(requested=None):
@@ -46,6 +65,10 @@ class Home:
 
     def exit_file(self, job_id):
         return os.path.join(self.job_dir(job_id), "exit.json")
+
+    def env_file(self, job_id):
+        """The job's --env values: here (0600), never in the job database (DESIGN.md 8)."""
+        return os.path.join(self.job_dir(job_id), "env.json")
 
     def pid_file(self, job_id):
         return os.path.join(self.job_dir(job_id), "pid.json")

@@ -3,9 +3,13 @@
 The daemon forks; the child (the wrapper) calls run_wrapper(), which never returns. The
 wrapper starts the user's command in a process group of its own, holds the GPU lease fds
 (and passes them to the command, so the lease lives as long as any of the job's processes),
-forwards a cancel (SIGTERM, then SIGKILL after the grace period) to that group, and writes
-exit.json atomically when the command ends. Nothing here talks to the database.
+forwards a cancel to that group (SIGTERM, then SIGKILL once the grace period is over, unless
+the whole group ended before), and writes exit.json atomically when the command ends, into
+room it reserved before the job started (a job that fills the disk still gets its exit
+recorded). Nothing here talks to the database.
 """
+import errno
+import json
 import os
 import signal
 import subprocess
@@ -36,14 +40,16 @@ def run_wrapper(home, job, lock_fds, poke, close_fds=()):
     close_fds: the daemon's own descriptors (its lock above all), which must not outlive it here."""
     code = 1
     try:
-        state = {"child": None, "cancelled": False}
+        state = {"child": None, "cancelled": False, "term_at": None}
+        grace = max(1, int(round(job.get("grace", 10))))
 
         def on_term(signum, frame):
             state["cancelled"] = True
-            if state["child"] is not None:
+            if state["child"] is not None and state["term_at"] is None:
+                state["term_at"] = time.monotonic()
                 _killpg(state["child"], signal.SIGTERM)
                 signal.signal(signal.SIGALRM, lambda s, f: _killpg(state["child"], signal.SIGKILL))
-                signal.alarm(max(1, int(round(job.get("grace", 10)))))
+                signal.alarm(grace)
 
         signal.signal(signal.SIGTERM, on_term)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
@@ -56,40 +62,118 @@ def run_wrapper(home, job, lock_fds, poke, close_fds=()):
         devnull = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):
             os.dup2(devnull, fd)
-        code = _wrap(home, job, lock_fds, poke, state)
+        code = _wrap(home, job, lock_fds, poke, state, grace)
     finally:
         os._exit(code)
 
 
-def _wrap(home, job, lock_fds, poke, state):
+# The exit record must be writable when the job has filled the disk: the wrapper reserves its
+# room (EXIT_ROOM bytes of spaces) before the job starts, and writes the JSON over it in place
+# (JSON allows the trailing spaces), then renames it to exit.json. Overwriting reserved blocks
+# needs no new space on ext4/xfs/tmpfs; on a copy-on-write file system (btrfs, zfs) it may.
+EXIT_ROOM = 4096
+
+
+def pending_exit_file(home, job_id):
+    return os.path.join(home.job_dir(job_id), "exit.pending")
+
+
+def _reserve_exit(path):
+    """An open fd on `path` holding EXIT_ROOM bytes of spaces, or None if there is no room."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC |
+                     getattr(os, "O_NOFOLLOW", 0), 0o600)
+    except OSError:
+        return None
+    try:
+        room = b" " * EXIT_ROOM
+        while room:
+            room = room[os.write(fd, room):]
+        # Blocks really allocated, not only reserved by delayed allocation. (No fsync: the room
+        # matters, not its durability, and a journal commit here would delay the job's start.)
+        if hasattr(os, "posix_fallocate"):
+            try:
+                os.posix_fallocate(fd, 0, EXIT_ROOM)
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                    raise
+        return fd
+    except OSError:
+        os.close(fd)
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        return None
+
+
+def _write_exit(home, job_id, reserved, record):
+    """exit.json, at once (no fsync: the caller makes it durable off its hot path)."""
+    data = json.dumps(record).encode()
+    if reserved is not None and len(data) <= EXIT_ROOM:
+        try:
+            os.pwrite(reserved, data, 0)
+            os.rename(pending_exit_file(home, job_id), home.exit_file(job_id))
+            return
+        except OSError:
+            pass
+    fsutil.write_json_atomic(home.exit_file(job_id), record, durable=False)
+
+
+def _write_best_effort(path, obj):
+    """pid.json and the like: nice to have, never a reason to leave a running job."""
+    try:
+        fsutil.write_json_atomic(path, obj, durable=False)
+    except (OSError, ValueError):
+        try:
+            os.unlink("%s.tmp%d" % (path, os.getpid()))
+        except OSError:
+            pass
+
+
+def _wrap(home, job, lock_fds, poke, state, grace=10):
     job_id = job["id"]
-    log_fd = os.open(home.log(job_id), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        log_fd = os.open(home.log(job_id), os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
+                         0o600)
+    except OSError:
+        log_fd = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
     env = job_env(os.environ, job_id, job["gpus"], job.get("env"))
+    reserved = _reserve_exit(pending_exit_file(home, job_id))
     if os.path.exists(home.cancel_file(job_id)):
         state["cancelled"] = True
     try:
         if state["cancelled"]:
-            raise OSError("cancelled before it started")
+            _log(log_fd, "rtrain: cancelled before it started\n")
+            _write_exit(home, job_id, reserved, {
+                "exit_code": None, "signal": None, "ended_at": time.time(), "cancelled": True})
+            poke()
+            return _durable(home, job_id, reserved)
         child = subprocess.Popen(
             [SHELL, "-c", job["command"]], cwd=home.work(job_id), env=env,
             stdin=subprocess.DEVNULL, stdout=log_fd, stderr=subprocess.STDOUT,
             pass_fds=tuple(lock_fds), close_fds=True, **_OWN_GROUP)
     except OSError as e:
-        os.write(log_fd, ("rtrain: cannot start the job: %s\n" % e).encode())
-        fsutil.write_json_atomic(home.exit_file(job_id), {
+        _log(log_fd, "rtrain: cannot start the job: %s\n" % e)
+        _write_exit(home, job_id, reserved, {
             "exit_code": 127, "signal": None, "ended_at": time.time(), "cancelled": state["cancelled"]})
         poke()
-        return 0
+        return _durable(home, job_id, reserved)
     os.close(log_fd)
-    fsutil.write_json_atomic(home.pid_file(job_id), {
+    _write_best_effort(home.pid_file(job_id), {
         "wrapper_pid": os.getpid(), "wrapper_start": fsutil.proc_start_time(os.getpid()),
         "pgid": child.pid, "pgid_start": fsutil.proc_start_time(child.pid),
         "boot_id": fsutil.boot_id(), "started_at": time.time()})
-
     state["child"] = child.pid
     if state["cancelled"]:
         os.kill(os.getpid(), signal.SIGTERM)  # a cancel that came during the start
     rc = child.wait()
+    if state["term_at"] is not None:
+        # Cancelled: the grace period is the whole group's, not only its first process's (a
+        # child may still be writing its checkpoint). SIGALRM ends it at the latest.
+        deadline = state["term_at"] + grace
+        while time.monotonic() < deadline and _group_alive(child.pid):
+            time.sleep(0.05)
     signal.alarm(0)
     # The command is done; anything it left running in its group goes with it.
     _killpg(child.pid, signal.SIGKILL)
@@ -103,16 +187,62 @@ def _wrap(home, job, lock_fds, poke, state):
         sig = signal.Signals(-rc).name
         rc = 128 - rc
     # Tell the daemon first (the next job waits on it), make the record durable after.
-    fsutil.write_json_atomic(home.exit_file(job_id), {
+    _write_exit(home, job_id, reserved, {
         "exit_code": rc, "signal": sig, "ended_at": time.time(),
-        "cancelled": state["cancelled"] or os.path.exists(home.cancel_file(job_id))}, durable=False)
+        "cancelled": state["cancelled"] or os.path.exists(home.cancel_file(job_id))})
     poke()
     if lock_fds and job.get("lock_dir"):
         # other users' daemons waiting for these GPUs (ours was poked above)
         leases.wake_waiters(job["lock_dir"], skip=leases.waiter_path(job["lock_dir"], home.root))
+    return _durable(home, job_id, reserved)
+
+
+def _durable(home, job_id, reserved):
+    """Make the exit record durable (after the daemon heard of it: off the hand-off path)."""
+    if reserved is not None:
+        os.close(reserved)
     fsutil.fsync_path(home.exit_file(job_id))
     fsutil.fsync_path(home.job_dir(job_id))
     return 0
+
+
+def _log(fd, text):
+    try:
+        os.write(fd, text.encode("utf-8", "replace"))
+    except OSError:
+        pass
+
+
+def _group_alive(pgid):
+    """True while a process of group pgid runs (zombies don't count: they may linger until
+    init reaps them)."""
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        names = None
+    if names is None or not os.path.exists("/proc/self/stat"):
+        try:
+            os.killpg(pgid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % name, "rb") as f:
+                data = f.read()
+        except OSError:
+            continue
+        rest = data[data.rfind(b")") + 2:].split()
+        try:
+            if int(rest[2]) == pgid and rest[0] not in (b"Z", b"X"):
+                return True
+        except (IndexError, ValueError):
+            continue
+    return False
 
 
 def _killpg(pgid, sig):

@@ -17,11 +17,11 @@ import fcntl
 import json
 import os
 import select
-import shutil
 import signal
 import subprocess
 import sys
 import time
+import traceback
 
 from . import db, fsutil, gpus, inventory, leases, paths, runner, store, workdirs
 
@@ -165,6 +165,7 @@ def _requeue(con, home, row, why):
             os.unlink(p)
         except FileNotFoundError:
             pass
+    workdirs.retire(home, job_id)  # the next attempt gets a fresh copy of the snapshot
     _append_log(home, job_id, "rtrain: %s\n" % why)
     con.execute("UPDATE jobs SET state='queued', gpus='[]', wrapper_pid=NULL, wrapper_start=NULL,"
                 " pgid=NULL, message=? WHERE id=?", (why, job_id))
@@ -178,10 +179,18 @@ def _append_log(home, job_id, text):
         pass
 
 
+NEVER_STARTED_AFTER_S = 10.0
+
+
 def reconcile(con, home):
     """Daemon-only: exits, plus jobs whose wrapper vanished (killed, or a reboot) -> lost/requeued."""
     finalize_exited(con, home)
     for row in con.execute("SELECT * FROM jobs WHERE state='running'").fetchall():
+        if not row["wrapper_pid"] and row["boot_id"] == fsutil.boot_id():
+            # a daemon died between marking the job running and recording its wrapper
+            if _adopt_or_requeue(con, home, row):
+                continue
+            row = db.get(con, row["id"])
         pid = row["wrapper_pid"]
         if pid and fsutil.alive(pid, row["wrapper_start"]) and row["boot_id"] == fsutil.boot_id():
             continue
@@ -190,6 +199,27 @@ def reconcile(con, home):
             _finish(con, home, row["id"], ex)
             continue
         _lose(con, home, row)
+
+
+def _adopt_or_requeue(con, home, row):
+    """A running job with no wrapper pid. Its wrapper writes pid.json once the job runs: adopt
+    those pids. With no pid.json long after the start, the wrapper never was: queue it again.
+    True when there is nothing more to check for now."""
+    pids = runner.read_pids(home, row["id"])
+    if pids.get("wrapper_pid") and pids.get("boot_id") == row["boot_id"]:
+        with db.Tx(con):
+            con.execute("UPDATE jobs SET wrapper_pid=?, wrapper_start=? WHERE id=? AND state='running'"
+                        " AND wrapper_pid IS NULL", (pids["wrapper_pid"], pids.get("wrapper_start"),
+                                                     row["id"]))
+        return False
+    if runner.read_exit(home, row["id"]) is not None:
+        return False
+    if time.time() - (row["started_at"] or 0) < NEVER_STARTED_AFTER_S:
+        return True  # its wrapper may be starting right now
+    with db.Tx(con):
+        con.execute("UPDATE jobs SET state='queued', gpus='[]', started_at=NULL, attempts=attempts-1,"
+                    " message='' WHERE id=? AND state='running' AND wrapper_pid IS NULL", (row["id"],))
+    return True
 
 
 def _lose(con, home, row):
@@ -230,6 +260,8 @@ class Daemon:
         self.taken = set()
         self.own_fds = []
         self.waiter = None      # (read fd, write fd, lock dir): wake-ups from others' jobs
+        self.lock_error = None  # why the GPU lock dir can't be used, if it can't
+        self.row_errors = {}    # job id -> passes in a row that failed on it
         self.builders = {}      # job id -> pid of the child building its work dir (workdirs.py)
         self.built = {}         # job id -> pid of a builder that has ended
         self.lock_dir = None
@@ -240,45 +272,85 @@ class Daemon:
         if not queued:
             return False
         cfg = load_config(self.home)
-        lock_dir = leases.ensure_dir(paths.lock_dir(cfg["lock_dir"]))
-        self.lock_dir = lock_dir
-        units = None
-        blocked = None
-        for row in queued:
-            n = row["gpus_requested"]
-            if not self._prepared(row):
-                if n and blocked is None:
-                    blocked = row["id"]  # first in line for GPUs: the others wait behind it
-                continue
-            if n == 0:
-                self.start(row, [], [])
-                continue
-            if blocked is not None:
-                self._say_why(row, "waiting behind job %d (first in line for GPUs)" % blocked)
-                continue
-            if units is None:
-                units = self._units(cfg, lock_dir)
-            fds, uuids = [], []
-            for u in units:
+        try:
+            self.lock_dir, self.lock_error = leases.ensure_dir(paths.lock_dir(cfg["lock_dir"])), None
+        except leases.LockDirError as e:  # GPU jobs wait, saying why; CPU jobs run
+            self.lock_dir, self.lock_error = None, str(e)
+        turn = {"units": None, "blocked": None}  # this pass: nvidia-smi's view, first job waiting
+        try:
+            for row in queued:
+                try:
+                    self._place(row, cfg, turn)
+                    self.row_errors.pop(row["id"], None)
+                except Exception as e:  # noqa: BLE001 - one job's trouble must not stop the queue
+                    self._row_failed(row, e)
+        finally:
+            self.taken.clear()
+        return turn["blocked"] is not None
+
+    def _place(self, row, cfg, turn):
+        """Start `row` if it can start now; else note why it waits."""
+        n = row["gpus_requested"]
+        if not self._prepared(row):
+            if n and turn["blocked"] is None:
+                turn["blocked"] = row["id"]  # first in line for GPUs: the others wait behind it
+            return
+        if n == 0:
+            self.start(row, [], [])
+            return
+        if turn["blocked"] is not None:
+            self._say_why(row, "waiting behind job %d (first in line for GPUs)" % turn["blocked"])
+            return
+        if self.lock_error:
+            turn["blocked"] = row["id"]
+            self._say_why(row, "waiting: %s" % self.lock_error)
+            return
+        if turn["units"] is None:
+            turn["units"] = self._units(cfg, self.lock_dir)
+        fds, uuids = [], []
+        try:
+            for u in turn["units"]:
                 if len(uuids) == n:
                     break
                 if u["state"] != "free" or u["uuid"] in self.taken:
                     continue
-                fd = leases.try_acquire(lock_dir, u["uuid"])
+                fd = leases.try_acquire(self.lock_dir, u["uuid"])
                 if fd is None:
                     continue
                 fds.append(fd)
                 uuids.append(u["uuid"])
-            if len(uuids) == n:
-                self.taken.update(uuids)
-                self.start(row, uuids, fds)
-            else:
-                for fd in fds:
-                    os.close(fd)
-                blocked = row["id"]
-                self._say_why(row, self._why_waiting(n, units, lock_dir))
-        self.taken.clear()
-        return blocked is not None
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        if len(uuids) == n:
+            self.taken.update(uuids)
+            self.start(row, uuids, fds)
+        else:
+            for fd in fds:
+                os.close(fd)
+            turn["blocked"] = row["id"]
+            self._say_why(row, self._why_waiting(n, turn["units"], self.lock_dir))
+
+    def _row_failed(self, row, e):
+        """A job that could not be looked at or started: say so; the third time in a row, fail it
+        (it would stand at the head of the queue for ever)."""
+        traceback.print_exc()
+        sys.stderr.flush()
+        count = self.row_errors[row["id"]] = self.row_errors.get(row["id"], 0) + 1
+        try:
+            if count < 3:
+                self._say_why(row, "could not start it yet (%s: %s); trying again" % (type(e).__name__, e))
+                return
+            self.row_errors.pop(row["id"], None)
+            _append_log(self.home, row["id"], "rtrain: could not start the job: %s: %s\n" % (
+                type(e).__name__, e))
+            with db.Tx(self.con):
+                self.con.execute("UPDATE jobs SET state='failed', ended_at=?, message=? WHERE id=? AND "
+                                 "state='queued'", (time.time(), "rtrain could not start it: %s: %s" % (
+                                     type(e).__name__, e), row["id"]))
+        except Exception:  # noqa: BLE001 - the database itself is in trouble: next pass
+            traceback.print_exc()
 
     def _prepared(self, row):
         """True once the job's work dir is built; else see that it is being built."""
@@ -294,7 +366,7 @@ class Daemon:
         if failed is not None:
             self._fail_unbuilt(row, failed)
             return False
-        if (row["files"] or 0) <= workdirs.INLINE_MAX_FILES:
+        if workdirs.inline(row["files"], row["bytes"]):
             failed = workdirs.build(self.home, job_id, self.store)
             if failed is None:
                 return True
@@ -353,9 +425,8 @@ class Daemon:
     def serve(self):
         """The daemon's loop. Returns when idle for IDLE_EXIT_S, or at once if another daemon runs."""
         lock = os.open(self.home.daemon_lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        if not _lock_soon(lock):
+            os.close(lock)
             return 0
         self.own_fds.append(lock)
         os.ftruncate(lock, 0)
@@ -364,25 +435,52 @@ class Daemon:
             os.mkfifo(self.home.daemon_fifo, 0o600)
         except FileExistsError:
             pass
-        rfd = os.open(self.home.daemon_fifo, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        keep = os.open(self.home.daemon_fifo, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        self.own_fds += [rfd, keep]
-        signal.signal(signal.SIGTERM, lambda s, f: sys.exit(0))
-        idle_since = time.monotonic()
+        stop = []
+
+        def on_term(signum, frame):  # finish the pass at hand, then go (never mid-transaction)
+            stop.append(signum)
+            try:
+                os.write(keep, b"x")
+            except OSError:
+                pass
+
+        rfd = keep = None
         try:
             while True:
-                self.reap()
-                reconcile(self.con, self.home)
-                waiting = self.schedule()
-                rows = db.active(self.con)
+                if rfd is None:
+                    rfd = os.open(self.home.daemon_fifo, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+                    keep = os.open(self.home.daemon_fifo, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+                    self.own_fds += [rfd, keep]
+                    signal.signal(signal.SIGTERM, on_term)
+                    idle_since = time.monotonic()
+                if stop:
+                    return 0
+                try:
+                    self.reap()
+                    reconcile(self.con, self.home)
+                    waiting = self.schedule()
+                    rows = db.active(self.con)
+                except Exception:  # noqa: BLE001 - a bad pass must not stop the queue
+                    traceback.print_exc()
+                    sys.stderr.flush()
+                    waiting, rows = False, [None]
+                    time.sleep(0.5)
                 if rows:
                     idle_since = time.monotonic()
                 elif time.monotonic() - idle_since > IDLE_EXIT_S:
-                    return 0
+                    # Stop listening first, then look once more: a submit that committed before
+                    # its poke found no reader is seen here, or its poke starts a new daemon,
+                    # which waits for our lock (_lock_soon).
+                    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                    self._close_fifo(rfd, keep)
+                    rfd = keep = None
+                    if not db.active(self.con):
+                        return 0
+                    continue
                 if waiting:
                     timeout = 0.2
                     self._listen_for_others()
-                elif any(r["state"] == "running" for r in rows):
+                elif any(r is None or r["state"] == "running" for r in rows):
                     timeout = 1.0
                 else:
                     timeout = 5.0
@@ -391,12 +489,19 @@ class Daemon:
                 for fd in ready:
                     _drain(fd)
         finally:
-            os.close(keep)
-            os.close(rfd)
+            if rfd is not None:
+                self._close_fifo(rfd, keep)
             self._stop_listening()
+
+    def _close_fifo(self, rfd, keep):
+        for fd in (rfd, keep):
+            self.own_fds.remove(fd)
+            os.close(fd)
 
     def _listen_for_others(self):
         """While jobs wait for GPUs, listen for other users' jobs freeing them (leases.py)."""
+        if self.lock_dir is None:
+            return
         path = leases.waiter_path(self.lock_dir, self.home.root)
         if self.waiter is not None and self.waiter[2] == path:
             return
@@ -420,44 +525,38 @@ class Daemon:
             pass
 
     def start(self, row, uuids, fds):
+        """Mark the job running and fork its wrapper (runner.py), which takes over the lease fds.
+        The wrapper's pid is recorded just after; reconcile() copes with a daemon killed between
+        the two (it adopts the pids the wrapper wrote, or queues a job that never started)."""
         job_id = row["id"]
-        with db.Tx(self.con):
-            cur = db.get(self.con, job_id)
-            if cur["state"] != "queued":
-                for fd in fds:
-                    os.close(fd)
-                return
-            if row["attempts"] > 0:
-                self._fresh_work_dir(job_id)
-                _append_log(self.home, job_id, "rtrain: attempt %d of %d\n" % (
-                    row["attempts"] + 1, row["retries"] + 1))
-            self.con.execute(
-                "UPDATE jobs SET state='running', gpus=?, started_at=?, ended_at=NULL, exit_code=NULL,"
-                " signal=NULL, message='', attempts=attempts+1, boot_id=? WHERE id=?",
-                (json.dumps(uuids), time.time(), fsutil.boot_id(), job_id))
-        spec = {"id": job_id, "command": row["command"], "env": json.loads(row["env"] or "{}"),
-                "grace": row["grace"], "gpus": uuids, "lock_dir": self.lock_dir}
-        home, argv = self.home, self.agent_argv
-        pid = os.fork()
-        if pid == 0:
-            runner.run_wrapper(home, spec, fds, lambda: poke(home, argv), self.own_fds)
-        for fd in fds:
-            os.close(fd)
+        try:
+            with db.Tx(self.con):
+                cur = db.get(self.con, job_id)
+                if cur["state"] != "queued":
+                    raise _NotQueued()
+                if row["attempts"] > 0:
+                    _append_log(self.home, job_id, "rtrain: attempt %d of %d\n" % (
+                        row["attempts"] + 1, row["retries"] + 1))
+                self.con.execute(
+                    "UPDATE jobs SET state='running', gpus=?, started_at=?, ended_at=NULL, exit_code=NULL,"
+                    " signal=NULL, message='', attempts=attempts+1, boot_id=?, wrapper_pid=NULL,"
+                    " wrapper_start=NULL WHERE id=?",
+                    (json.dumps(uuids), time.time(), fsutil.boot_id(), job_id))
+            env = fsutil.read_json(self.home.env_file(job_id))
+            spec = {"id": job_id, "command": row["command"],
+                    "env": env if isinstance(env, dict) else json.loads(row["env"] or "{}"),
+                    "grace": row["grace"], "gpus": uuids, "lock_dir": self.lock_dir}
+            home, argv = self.home, self.agent_argv
+            pid = os.fork()
+            if pid == 0:
+                runner.run_wrapper(home, spec, fds, lambda: poke(home, argv), self.own_fds)
+        except _NotQueued:
+            return
+        finally:
+            for fd in fds:
+                os.close(fd)
         self.con.execute("UPDATE jobs SET wrapper_pid=?, wrapper_start=? WHERE id=?",
                          (pid, fsutil.proc_start_time(pid), job_id))
-
-    def _fresh_work_dir(self, job_id):
-        manifest = fsutil.read_json(os.path.join(self.home.job_dir(job_id), "manifest.json"))
-        work = self.home.work(job_id)
-        if manifest is None:
-            return
-        tmp = work + ".retry"
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.store.materialize(manifest["entries"], tmp)
-        old = work + ".old"
-        os.rename(work, old)
-        os.rename(tmp, work)
-        shutil.rmtree(old, ignore_errors=True)
 
     def reap(self):
         """Collect ended children (job wrappers, builders); forget the builders among them."""
@@ -472,6 +571,24 @@ class Daemon:
                 if b == pid:
                     del self.builders[job_id]
                     self.built[job_id] = pid
+
+
+def _lock_soon(fd, wait_s=2.0):
+    """Take the daemon lock; wait a little for it: a daemon that is exiting (it stopped reading
+    its FIFO, which is why we were started) lets go of it in milliseconds."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except OSError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+
+
+class _NotQueued(Exception):
+    """The job left the queue (cancelled) between the pass and its start."""
 
 
 def _drain(fd):

@@ -148,7 +148,8 @@ def gpus_verb(ctx):
         if u["state"] == "busy" and not u["holder"] and u.get("processes"):
             p = u["processes"][0]
             u["holder"] = "pid %s %s" % (p.get("pid"), p.get("name") or "")
-    return {"gpus": units, "error": error, "nvidia_smi_found": found}
+    return {"gpus": units, "error": error, "nvidia_smi_found": found, "lock_dir": lock_dir,
+            "lock_dir_problem": leases.check_dir(lock_dir) if units else None}
 
 
 def missing(ctx):
@@ -165,7 +166,17 @@ def put(ctx):
 
 
 def submit(ctx):
+    """Queue a job (docs/contracts.md "One-call submit"). A request's token names it: the same
+    token again answers with the job already queued for it ("duplicate"), and with "lookup"
+    nothing else is done (a client asking after a reply it lost: "did you queue this?")."""
     req = ctx.req
+    token = req.get("token")
+    if token:
+        row = ctx.con.execute("SELECT id FROM tokens WHERE token=?", (token,)).fetchone()
+        if row is not None:
+            return {"job": _public(ctx, db.get(ctx.con, row["id"])), "duplicate": True}
+    if req.get("lookup"):
+        raise AgentError("not_queued", "no job was queued for this submit")
     command = req.get("command")
     if not isinstance(command, str) or not command.strip():
         raise AgentError("bad_request", "no command to run", "put it after `--`: rtrain submit -- python train.py")
@@ -173,11 +184,6 @@ def submit(ctx):
     if n < 0:
         raise AgentError("bad_request", "--gpus must be 0 or more")
     cfg = _sched_cfg(req)
-    token = req.get("token")
-    if token:
-        row = ctx.con.execute("SELECT id FROM tokens WHERE token=?", (token,)).fetchone()
-        if row is not None:
-            return {"job": _public(ctx, db.get(ctx.con, row["id"])), "duplicate": True}
     if n > 0:
         _check_gpu_count(ctx.home, cfg, n)
     manifest = req.get("manifest") or {"entries": []}
@@ -216,6 +222,14 @@ def submit(ctx):
         _write_manifest(os.path.join(tmp, "manifest.json"), entries)
         open(os.path.join(tmp, "log"), "ab").close()
         os.chmod(os.path.join(tmp, "log"), 0o600)
+        env = req.get("env") or {}
+        if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                for k, v in env.items()):
+            raise AgentError("bad_request", "env must map names to strings")
+        # values may be secrets (tokens, keys): a 0600 file of the job's, not the job database
+        fd = os.open(os.path.join(tmp, "env.json"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(env, f)
         _save_sched_cfg(home, cfg)  # before the job exists: a failure here leaves no job
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -224,7 +238,7 @@ def submit(ctx):
     spec = {
         "name": req.get("name") or _default_name(command), "command": command, "gpus": n,
         "priority": int(req.get("priority", 0)), "retries": int(req.get("retries", 0)),
-        "env": req.get("env") or {}, "grace": float(req.get("grace", 10)),
+        "grace": float(req.get("grace", 10)),
         "git_commit": git.get("commit"), "git_dirty": git.get("dirty") if git else None,
         "files": len(entries), "bytes": sum(int(e.get("size") or 0) for e in entries),
     }

@@ -11,11 +11,17 @@ build-error.json, and the daemon fails the job with what it says.
 import errno
 import os
 import shutil
+import time
 
 from . import fsutil, store
 
-INLINE_MAX_FILES = 64   # built by the daemon itself: a fork costs more than the copies
+INLINE_MAX_FILES = 64          # smaller trees are built by the daemon itself: a fork costs
+INLINE_MAX_BYTES = 8 << 20     # more than their copies, and they hold up no hand-off
 MAX_BUILDERS = 2
+
+
+def inline(files, size):
+    return (files or 0) <= INLINE_MAX_FILES and (size or 0) <= INLINE_MAX_BYTES
 
 
 def ready(home, job_id):
@@ -83,6 +89,16 @@ def spawn(home, job_id, close_fds, poke):
         os._exit(code)
 
 
+def retire(home, job_id):
+    """Set a finished attempt's work dir aside (a rename: this runs in the daemon's
+    transaction); the next build removes it and makes a fresh one."""
+    work = home.work(job_id)
+    try:
+        os.rename(work, "%s.old%d" % (work, int(time.time() * 1000)))
+    except OSError:
+        pass
+
+
 def _describe(e, home):
     cause = e if isinstance(e, OSError) else e.__context__
     if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -93,13 +109,15 @@ def _describe(e, home):
 
 
 def _sweep(job_dir):
-    """Remove half-built trees of builders that are gone."""
+    """Remove half-built trees of builders that are gone, and retired attempts' trees."""
     try:
         names = os.listdir(job_dir)
     except OSError:
         return
     for name in names:
-        if name.startswith("work.tmp"):
+        if name.startswith("work.old"):
+            shutil.rmtree(os.path.join(job_dir, name), ignore_errors=True)
+        elif name.startswith("work.tmp"):
             try:
                 pid = int(name[len("work.tmp"):])
             except ValueError:

@@ -1,5 +1,6 @@
 """End to end on the built-in `local` host, through the real `rtrain` CLI and a real daemon."""
 import json
+import os
 import time
 
 
@@ -42,7 +43,8 @@ def test_killed_by_signal_is_recorded(world):
 
 
 def test_job_environment_and_gpu_assignment(world):
-    job = world.submit("sh", "-c", "env | grep -E '^(CUDA|PYTHONUNBUFFERED|RTRAIN_JOB_ID)' | sort", gpus=2)
+    job = world.submit("sh", "-c", "env | grep -E '^(CUDA|PYTHONUNBUFFERED|RTRAIN_JOB_ID|MY_TOKEN)' | sort",
+                       gpus=2, extra=("--env", "MY_TOKEN=t0k3n=x"))
     j = world.wait(job)
     assert j["state"] == "succeeded", world.run("logs", job).stdout
     env = dict(line.split("=", 1) for line in world.run("logs", job).stdout.split())
@@ -50,6 +52,7 @@ def test_job_environment_and_gpu_assignment(world):
     assert all(g.startswith("GPU-") for g in j["gpus"]) and len(set(j["gpus"])) == 2
     assert env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
     assert env["PYTHONUNBUFFERED"] == "1" and env["RTRAIN_JOB_ID"] == job
+    assert env["MY_TOKEN"] == "t0k3n=x"  # --env reaches the job (from its env.json, not the db)
 
 
 def test_more_gpus_than_the_host_has_is_refused(world):
@@ -185,3 +188,87 @@ def test_pull_and_hosts_doctor(world, tmp_path):
     assert (world.cwd / "rtrain-out" / job / "out" / "weights.bin").read_bytes() == b"w"
     p = world.run("hosts")
     assert "local: ready" in p.stdout and "4 GPU(s)" in p.stdout
+
+
+CHECKPOINTER = """import os, signal, sys, time
+marker = sys.argv[1]
+def on_term(signum, frame):
+    time.sleep(1)  # a checkpoint being written
+    with open(marker + ".tmp", "w") as f:
+        f.write("saved")
+    os.rename(marker + ".tmp", marker)
+    sys.exit(0)
+signal.signal(signal.SIGTERM, on_term)
+open(marker + ".ready", "w").close()
+time.sleep(300)
+"""
+
+
+def test_cancel_grace_covers_the_whole_process_group(world):
+    """The job's first process dies at once on SIGTERM; its child saves a checkpoint first: the
+    grace period is the child's too."""
+    (world.cwd / "ckpt.py").write_text(CHECKPOINTER)
+    marker = world.root / "checkpoint"
+    job = world.submit("sh", "-c", "python3 ckpt.py %s & wait" % marker)
+    deadline = time.time() + 30
+    while not (world.root / "checkpoint.ready").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    assert (world.root / "checkpoint.ready").exists(), world.run("logs", job).stdout
+    world.run("cancel", job)
+    j = world.wait(job, timeout=60)
+    assert j["state"] == "cancelled"
+    assert marker.exists() and marker.read_text() == "saved", "the child was killed mid-checkpoint"
+
+
+def test_a_job_that_fills_the_disk_still_gets_its_exit_code_recorded(world):
+    """Job dirs on a 1 MiB tmpfs (the database stays on the big disk, so the daemon can still
+    record what the wrapper wrote): the job fills it, then exits 3."""
+    import os
+    import subprocess
+    from support import need
+    disk = world.root / "small-disk"
+    disk.mkdir()
+    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(disk)],
+                       capture_output=True, text=True)
+    need(p.returncode == 0, "cannot mount a tmpfs to fill (%s)" % p.stderr.strip())
+    try:
+        world.home.mkdir(mode=0o700)
+        for name in ("jobs", "tmp"):  # a submit assembles its job in tmp/, then renames it
+            (disk / name).mkdir(mode=0o700)
+            os.symlink(str(disk / name), str(world.home / name))
+        job = world.submit("sh", "-c", "head -c 4000000 /dev/zero > fill; exit 3")
+        j = world.wait(job, timeout=60)
+        assert j["state"] == "failed" and j["exit_code"] == 3, j
+    finally:
+        world.cleanup()
+        for _ in range(100):
+            if subprocess.run(["umount", str(disk)], capture_output=True).returncode == 0:
+                break
+            time.sleep(0.1)
+        else:
+            subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def test_an_unsafe_lock_dir_holds_gpu_jobs_and_says_why(world_factory, tmp_path):
+    """A lock dir others could delete leases from (world-writable, not sticky) is refused:
+    GPU jobs wait and say why, CPU jobs still run, and `rtrain hosts` names the problem."""
+    w = world_factory()
+    unsafe = tmp_path / "open-locks"
+    unsafe.mkdir()
+    os.chmod(str(unsafe), 0o777)
+    env = w.env(RTRAIN_LOCK_DIR=str(unsafe))
+    gpu = w.run("submit", "-q", "--gpus", "1", "--", "true", env=env).stdout.strip()
+    cpu = w.run("submit", "-q", "--", "true", env=env).stdout.strip()
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        jobs = {j["id"]: j for j in json.loads(w.run("status", "--json", "--all", env=env).stdout)}
+        if jobs[cpu]["state"] == "succeeded" and jobs[gpu]["message"]:
+            break
+        time.sleep(0.1)
+    assert jobs[cpu]["state"] == "succeeded"
+    assert jobs[gpu]["state"] == "queued"
+    assert "world-writable but not sticky" in jobs[gpu]["message"], jobs[gpu]
+    doc = w.run("hosts", env=env, check=False)
+    assert doc.returncode == 1 and "FAIL leases" in doc.stdout and "not sticky" in doc.stdout
+    os.chmod(str(unsafe), 0o1777)  # fixed: it runs
+    assert w.wait(gpu, timeout=30)["state"] == "succeeded"

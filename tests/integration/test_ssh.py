@@ -260,3 +260,140 @@ def test_host_without_python3(sshd, tower, tmp_path):
     p = rt(sshd, hosts, "submit", "--", "true", cwd=src, check=False)
     assert p.returncode == 1 and "python3 not found on the host" in p.stderr
     assert "Traceback" not in p.stderr
+
+
+def test_system_known_hosts_are_read_and_never_written(sshd, tower, tmp_path):
+    """/etc/ssh/ssh_known_hosts (here $RTRAIN_GLOBAL_KNOWN_HOSTS) vouches for a host the user's
+    file does not know; accept-new still writes the user's file only, and not for a known key."""
+    hosts, src = tower
+    user = tmp_path / "user_known_hosts"
+    user.write_text("")
+    system = tmp_path / "system_known_hosts"
+    system.write_text(sshd.known_hosts.read_text())
+    env = sshd.env(known_hosts=user, RTRAIN_GLOBAL_KNOWN_HOSTS=str(system))
+    before = system.read_text()
+    for extra in ([], ["--accept-new-host-key"]):
+        rt(sshd, hosts, *extra, "status", cwd=src, env=env)
+    assert user.read_text() == "" and system.read_text() == before
+    # a changed key in the system file is refused, and the message names that file and line
+    other = sshd.other_key.with_suffix(".pub").read_text().split()[:2]
+    system.write_text("# managed by the admins\n[127.0.0.1]:%d %s\n" % (sshd.port, " ".join(other)))
+    p = rt(sshd, hosts, "--accept-new-host-key", "status", cwd=src, env=env, check=False)
+    assert p.returncode == 1 and "HOST KEY CHANGED" in p.stderr and "%s line 2" % system in p.stderr
+    assert user.read_text() == "" and "Traceback" not in p.stderr, p.stderr
+    # the user's file comes first, as with OpenSSH: its right key wins over the stale system one
+    user.write_text(sshd.known_hosts.read_text())
+    rt(sshd, hosts, "status", cwd=src, env=env)
+
+
+class _FreezingProxy:
+    """127.0.0.1:port -> sshd; freeze() makes the open connections go silent: nothing forwarded,
+    nothing closed (a network that died without a reset). New connections are forwarded."""
+
+    def __init__(self, target_port):
+        import select
+        import threading
+        self._select = select.select
+        self.target = target_port
+        self.lsock = socket.socket()
+        self.lsock.bind(("127.0.0.1", 0))
+        self.lsock.listen(16)
+        self.port = self.lsock.getsockname()[1]
+        self.conns = []
+        self.closed = False
+        self._threading = threading
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while not self.closed:
+            try:
+                c, _ = self.lsock.accept()
+            except OSError:
+                return
+            s = socket.create_connection(("127.0.0.1", self.target))
+            frozen = self._threading.Event()
+            self.conns.append((c, s, frozen))
+            self._threading.Thread(target=self._pump, args=(c, s, frozen), daemon=True).start()
+
+    def _pump(self, a, b, frozen):
+        peer = {a: b, b: a}
+        while not frozen.is_set() and not self.closed:
+            try:
+                ready, _, _ = self._select([a, b], [], [], 0.1)
+                for s in ready:
+                    if frozen.is_set():
+                        break
+                    data = s.recv(65536)
+                    if not data:
+                        a.close()
+                        b.close()
+                        return
+                    peer[s].sendall(data)
+            except OSError:
+                return
+
+    def freeze(self):
+        n = 0
+        for _, _, frozen in self.conns:
+            if not frozen.is_set():
+                frozen.set()
+                n += 1
+        return n
+
+    def close(self):
+        self.closed = True
+        self.lsock.close()
+        for c, s, _ in self.conns:
+            for x in (c, s):
+                try:
+                    x.close()
+                except OSError:
+                    pass
+
+
+def test_a_silent_network_fails_with_no_answer_instead_of_hanging(sshd, tower, tmp_path):
+    """The network dies without a reset while `rtrain status` waits for the agent's reply: the
+    call gives up after io_timeout with one line, where TCP alone would wait ~15 minutes."""
+    import uuid
+    from pathlib import Path
+    _, src = tower
+    proxy = _FreezingProxy(sshd.port)
+    try:
+        # `python:` on the host: waits, when told to, until the test has frozen the network
+        flags = Path(sshd.root) / ("hold-" + uuid.uuid4().hex[:8])
+        flags.mkdir()
+        os.chmod(flags, 0o777)
+        wrapper = flags / "python3"
+        wrapper.write_text("#!/bin/sh\nif [ -e %(d)s/hold ]; then touch %(d)s/started\n"
+                           "  while [ ! -e %(d)s/go ]; do sleep 0.05; done\nfi\n"
+                           "exec python3 \"$@\"\n" % {"d": flags})
+        os.chmod(wrapper, 0o755)
+        hosts = sshd.hosts_yaml(tmp_path / "frozen.yaml", {"tower": (
+            "rtrain-alice", proxy.port, {"python": wrapper, "io_timeout": 2})})
+        key = " ".join(sshd.host_key.with_suffix(".pub").read_text().split()[:2])
+        kh = tmp_path / "kh_proxy"
+        kh.write_text("[127.0.0.1]:%d %s\n" % (proxy.port, key))
+        env = sshd.env(known_hosts=kh)
+        rt(sshd, hosts, "status", cwd=src, env=env)  # ships the agent: all is well
+        (flags / "hold").touch()
+        p = subprocess.Popen([sys.executable, "-m", "launcher", "--hosts", str(hosts), "status"],
+                             cwd=str(src), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+        try:
+            deadline = time.time() + 60
+            while not (flags / "started").exists():
+                assert p.poll() is None and time.time() < deadline, p.communicate()
+                time.sleep(0.02)
+            assert proxy.freeze() >= 1
+            (flags / "go").touch()  # the agent answers into the dead network
+            out, err = p.communicate(timeout=120)
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        assert p.returncode == 1, (out, err)
+        lines = err.strip().splitlines()
+        assert lines[0] == "rtrain: error: tower: no answer from the host for 2s", err
+        assert len(lines) == 2 and lines[1].startswith("  hint: ") and "io_timeout" in lines[1], err
+    finally:
+        proxy.close()

@@ -50,7 +50,7 @@ def test_a_job_is_queued_with_its_manifest_and_no_work_dir_yet(tmp_path):
     job = res["job"]
     assert job["state"] == "queued" and job["files"] == 1 and not res["duplicate"]
     h = paths.Home(home)
-    assert sorted(os.listdir(h.job_dir(job["id"]))) == ["log", "manifest.json"]
+    assert sorted(os.listdir(h.job_dir(job["id"]))) == ["env.json", "log", "manifest.json"]
     with open(os.path.join(h.job_dir(job["id"]), "manifest.json")) as f:
         assert [e["path"] for e in json.load(f)["entries"]] == ["t.py"]
     assert os.listdir(h.tmp) == []
@@ -73,3 +73,20 @@ def test_a_bad_manifest_is_refused_at_submit(tmp_path, entries):
         _submit(req, client_stays=True)
     assert e.value.code == "bad_manifest"
     assert os.listdir(paths.Home(home).jobs) == []
+
+
+def test_env_values_stay_out_of_the_job_database(tmp_path):
+    """--env values may be secrets (DESIGN.md 8): they live in the job's 0600 env.json."""
+    home = str(tmp_path / "home")
+    req = _request(home)
+    req["env"] = {"WANDB_API_KEY": "s3cr3t-value"}
+    _, res = _submit(req, client_stays=True)
+    h = paths.Home(home)
+    env_file = h.env_file(res["job"]["id"])
+    assert oct(os.stat(env_file).st_mode & 0o777) == "0o600"
+    with open(env_file) as f:
+        assert json.load(f) == {"WANDB_API_KEY": "s3cr3t-value"}
+    for name in os.listdir(home):
+        if name.startswith("jobs.sqlite"):
+            with open(os.path.join(home, name), "rb") as f:
+                assert b"s3cr3t-value" not in f.read(), name

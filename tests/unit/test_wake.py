@@ -32,14 +32,14 @@ def test_planted_files_and_symlinks_are_never_written(tmp_path):
     victim = tmp_path / "victim.txt"
     victim.write_text("precious\n")
     os.chmod(victim, 0o666)
-    (lock_dir / "wake-0-aaaa.fifo").symlink_to(victim)
-    plain = lock_dir / "wake-0-bbbb.fifo"
+    (lock_dir / "rtrain-wake-0-aaaa.fifo").symlink_to(victim)
+    plain = lock_dir / "rtrain-wake-0-bbbb.fifo"
     plain.write_text("plain\n")
     os.chmod(plain, 0o666)
-    os.mkfifo(str(lock_dir / "wake-0-cccc.fifo"))  # nobody reads it: skipped, no hang
+    os.mkfifo(str(lock_dir / "rtrain-wake-0-cccc.fifo"))  # nobody reads it: skipped, no hang
     leases.wake_waiters(str(lock_dir))
     assert victim.read_text() == "precious\n" and plain.read_text() == "plain\n"
     # a daemon whose path is taken by something that is not its FIFO just polls
     assert leases.open_waiter(str(plain)) is None
-    assert leases.open_waiter(str(lock_dir / "wake-0-aaaa.fifo")) is None
+    assert leases.open_waiter(str(lock_dir / "rtrain-wake-0-aaaa.fifo")) is None
     assert victim.read_text() == "precious\n"
