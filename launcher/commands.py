@@ -157,6 +157,7 @@ def cmd_gpus(args, session_factory):
             if res.get("error"):
                 out.append({"host": host, "error": res["error"]["message"]})
         print(json.dumps(out, indent=2))
+        render.host_errors([(h, err) for h, _, err in results if err is not None])
     else:
         render.gpu_table(results)
     # an unreachable host or a failing nvidia-smi is an error; no nvidia-smi at all is not

@@ -99,6 +99,11 @@ def test_status_json_with_an_unreachable_host_says_why_on_stderr(world):
     assert p.returncode == 1
     assert [j["id"] for j in json.loads(p.stdout)] == [job]  # stdout is pure JSON
     one_error(p, "rtrain: error: dead: connection refused by 127.0.0.1", "  hint: ")
+    p = world.run("--hosts", hosts, "gpus", "--json", check=False, env=env)
+    assert p.returncode == 1
+    rows = json.loads(p.stdout)
+    assert {r["host"] for r in rows} == {"local", "dead"} and len(rows) == 5  # 4 GPUs + the error
+    one_error(p, "rtrain: error: dead: connection refused by 127.0.0.1", "  hint: ")
 
 
 # ------------------------------------------------------------------ 4. a submit whose reply is lost
