@@ -8,18 +8,16 @@ No timed assertions: every wait is for progress, with a generous timeout."""
 import json
 import os
 import random
-import select
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from pathlib import Path
 
 import pytest
 
+from netproxy import FreezingProxy
 from support import stop_agent
 
 JOB = r'''
@@ -331,68 +329,6 @@ def test_ctrl_c_detaches_and_the_job_goes_on(sshd, setup, tmp_path):
 
     st = wait_for("the job to end", ended)
     assert st["state"] == "succeeded"
-
-
-class FreezingProxy:
-    """A loopback TCP proxy to sshd; freeze() makes every open connection go silent: nothing is
-    forwarded and nothing is closed, as when a network dies without a RST. New connections
-    are forwarded again."""
-
-    def __init__(self, target_port):
-        self.target = target_port
-        self.lsock = socket.socket()
-        self.lsock.bind(("127.0.0.1", 0))
-        self.lsock.listen(50)
-        self.port = self.lsock.getsockname()[1]
-        self.conns = []   # [(client sock, server sock, frozen event)]
-        self.closed = False
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        while not self.closed:
-            try:
-                c, _ = self.lsock.accept()
-            except OSError:
-                return
-            s = socket.create_connection(("127.0.0.1", self.target))
-            frozen = threading.Event()
-            self.conns.append((c, s, frozen))
-            threading.Thread(target=self._pump, args=(c, s, frozen), daemon=True).start()
-
-    def _pump(self, a, b, frozen):
-        peer = {a: b, b: a}
-        while not frozen.is_set() and not self.closed:
-            try:
-                r, _, _ = select.select([a, b], [], [], 0.1)
-                for s in r:
-                    if frozen.is_set():
-                        break
-                    data = s.recv(65536)
-                    if not data:
-                        a.close()
-                        b.close()
-                        return
-                    peer[s].sendall(data)
-            except OSError:
-                return
-
-    def freeze(self):
-        n = 0
-        for c, s, frozen in self.conns:
-            if not frozen.is_set():
-                frozen.set()
-                n += 1
-        return n
-
-    def close(self):
-        self.closed = True
-        self.lsock.close()
-        for c, s, _ in self.conns:
-            for x in (c, s):
-                try:
-                    x.close()
-                except OSError:
-                    pass
 
 
 def test_silent_network_death_turns_into_a_reconnect(sshd, setup, tmp_path):

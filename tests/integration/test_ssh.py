@@ -9,6 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from netproxy import FreezingProxy
+
 
 
 def rt(sshd, hosts, *args, cwd, env=None, check=True, timeout=90):
@@ -286,78 +288,13 @@ def test_system_known_hosts_are_read_and_never_written(sshd, tower, tmp_path):
     rt(sshd, hosts, "status", cwd=src, env=env)
 
 
-class _FreezingProxy:
-    """127.0.0.1:port -> sshd; freeze() makes the open connections go silent: nothing forwarded,
-    nothing closed (a network that died without a reset). New connections are forwarded."""
-
-    def __init__(self, target_port):
-        import select
-        import threading
-        self._select = select.select
-        self.target = target_port
-        self.lsock = socket.socket()
-        self.lsock.bind(("127.0.0.1", 0))
-        self.lsock.listen(16)
-        self.port = self.lsock.getsockname()[1]
-        self.conns = []
-        self.closed = False
-        self._threading = threading
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        while not self.closed:
-            try:
-                c, _ = self.lsock.accept()
-            except OSError:
-                return
-            s = socket.create_connection(("127.0.0.1", self.target))
-            frozen = self._threading.Event()
-            self.conns.append((c, s, frozen))
-            self._threading.Thread(target=self._pump, args=(c, s, frozen), daemon=True).start()
-
-    def _pump(self, a, b, frozen):
-        peer = {a: b, b: a}
-        while not frozen.is_set() and not self.closed:
-            try:
-                ready, _, _ = self._select([a, b], [], [], 0.1)
-                for s in ready:
-                    if frozen.is_set():
-                        break
-                    data = s.recv(65536)
-                    if not data:
-                        a.close()
-                        b.close()
-                        return
-                    peer[s].sendall(data)
-            except OSError:
-                return
-
-    def freeze(self):
-        n = 0
-        for _, _, frozen in self.conns:
-            if not frozen.is_set():
-                frozen.set()
-                n += 1
-        return n
-
-    def close(self):
-        self.closed = True
-        self.lsock.close()
-        for c, s, _ in self.conns:
-            for x in (c, s):
-                try:
-                    x.close()
-                except OSError:
-                    pass
-
-
 def test_a_silent_network_fails_with_no_answer_instead_of_hanging(sshd, tower, tmp_path):
     """The network dies without a reset while `rtrain status` waits for the agent's reply: the
     call gives up after io_timeout with one line, where TCP alone would wait ~15 minutes."""
     import uuid
     from pathlib import Path
     _, src = tower
-    proxy = _FreezingProxy(sshd.port)
+    proxy = FreezingProxy(sshd.port)
     try:
         # `python:` on the host: waits, when told to, until the test has frozen the network
         flags = Path(sshd.root) / ("hold-" + uuid.uuid4().hex[:8])
