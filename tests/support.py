@@ -1,7 +1,9 @@
 """Shared by the tests: where things are, and skip-locally-but-fail-in-CI."""
+import errno
 import json
 import os
 import signal
+import socket
 from pathlib import Path
 
 import pytest
@@ -41,3 +43,47 @@ def stop_agent(home):
             (os.killpg if group else os.kill)(pid, signal.SIGKILL)
         except (OSError, TypeError):
             pass
+
+
+def closed_port():
+    """A loopback port nobody listens on (connection refused)."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def fill_disk(d, leave=0):
+    """Fill the file system holding folder d, leaving about `leave` bytes free; returns the
+    filler file (delete it to free the space)."""
+    filler = Path(str(d)) / "filler"
+    with open(filler, "ab") as f:
+        while True:
+            st = os.statvfs(str(d))
+            room = st.f_bavail * st.f_frsize - leave
+            if room <= 0:
+                break
+            try:
+                f.write(b"\0" * min(room, 1 << 16))
+                f.flush()
+            except OSError as e:
+                assert e.errno == errno.ENOSPC
+                break
+    return filler
+
+
+def one_error(p, *needles, anywhere=False):
+    """The run failed with exit 1 and said so in one `rtrain: error:` line plus at most one
+    hint line, no traceback (notes of a submit's retries aside). Each needle must be in the
+    error line (anywhere=True: in the error or the hint). Returns the lines."""
+    err = "".join(x for x in p.stderr.splitlines(True) if not x.startswith("rtrain: connection lost ("))
+    assert p.returncode == 1, "exit %d\nstdout: %s\nstderr: %s" % (p.returncode, p.stdout, err)
+    assert "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert lines and lines[0].startswith("rtrain: error: "), err
+    assert len(lines) <= 2 and all(x.startswith("  hint: ") for x in lines[1:]), err
+    where = err if anywhere else lines[0]
+    for n in needles:
+        assert n in where, "%r not in %r" % (n, where)
+    return lines

@@ -6,7 +6,6 @@ covered elsewhere are not repeated here:
   key, python3 missing; test_local_jobs.py: no such job, hosts.yaml syntax error, no such host on
   submit, more GPUs than the host has (local), nvidia-smi missing (local), command not found
   (local); tests/unit/test_config.py: config errors at the parser level."""
-import errno
 import json
 import os
 import shutil
@@ -18,7 +17,7 @@ import uuid
 import pytest
 
 import fakesmi
-from support import REPO, need, stop_agent
+from support import REPO, fill_disk, need, one_error, stop_agent
 
 TERMINAL = ("succeeded", "failed", "cancelled", "lost")
 
@@ -32,19 +31,6 @@ def rt(sshd, hosts, *args, cwd, env=None, check=True, timeout=90):
     if check and p.returncode != 0:
         raise AssertionError("rtrain %s -> %d\n%s\n%s" % (args, p.returncode, p.stdout, p.stderr))
     return p
-
-
-def one_error(p, *needles):
-    """The run failed with exit 1 and said so in one error line (+ an optional hint line)."""
-    err = p.stderr
-    assert p.returncode == 1, "exit %d\nstdout: %s\nstderr: %s" % (p.returncode, p.stdout, err)
-    assert "Traceback" not in err, err
-    lines = err.strip().splitlines()
-    assert lines and lines[0].startswith("rtrain: error: "), err
-    assert len(lines) <= 2 and all(x.startswith("  hint: ") for x in lines[1:]), err
-    for n in needles:
-        assert n in lines[0], "%r not in %r" % (n, lines[0])
-    return lines[0]
 
 
 def jobs(sshd, hosts, cwd):
@@ -224,29 +210,11 @@ def small_disk(sshd):
     shutil.rmtree(d, ignore_errors=True)
 
 
-def fill(d, leave=0):
-    """Fill the file system holding d, leaving about `leave` bytes free."""
-    filler = d / "filler"
-    with open(filler, "ab") as f:
-        while True:
-            st = os.statvfs(d)
-            room = st.f_bavail * st.f_frsize - leave
-            if room <= 0:
-                break
-            try:
-                f.write(b"\0" * min(room, 1 << 16))
-                f.flush()
-            except OSError as e:
-                assert e.errno == errno.ENOSPC
-                break
-    return filler
-
-
 def test_disk_full_under_rtrain_home(sshd, small_disk, tmp_path, src):
     hosts = tower_hosts(sshd, tmp_path, home=small_disk)
     first = rt(sshd, hosts, "submit", "-q", "--", "python3", "train.py", cwd=src).stdout.strip()
     assert wait(sshd, hosts, first, src)["state"] == "succeeded"
-    filler = fill(small_disk)
+    filler = fill_disk(small_disk)
     (src / "data.bin").write_bytes(os.urandom(300 * 1024))  # new content: must be uploaded
     p = rt(sshd, hosts, "submit", "--", "python3", "train.py", cwd=src, check=False)
     one_error(p, "no space left", str(small_disk))
@@ -268,7 +236,7 @@ def test_disk_full_after_upload(sshd, small_disk, tmp_path, src):
     assert wait(sshd, hosts, first, src)["state"] == "succeeded"
     size = 400 * 1024
     (src / "data.bin").write_bytes(os.urandom(size))
-    filler = fill(small_disk, leave=size + 100 * 1024)
+    filler = fill_disk(small_disk, leave=size + 100 * 1024)
     p = rt(sshd, hosts, "submit", "--", "true", cwd=src, check=False)
     one_error(p, "no space left", str(small_disk))
     assert [j["id"] for j in jobs(sshd, hosts, src)] == [first]
@@ -314,7 +282,7 @@ def test_disk_full_on_the_local_host(world, tmp_path):
 
 def test_disk_full_before_the_agent_is_there(sshd, small_disk, tmp_path, src):
     hosts = tower_hosts(sshd, tmp_path, home=small_disk)
-    filler = fill(small_disk)
+    filler = fill_disk(small_disk)
     p = rt(sshd, hosts, "submit", "--", "true", cwd=src, check=False)
     one_error(p, "no space left", str(small_disk))
     doc = rt(sshd, hosts, "hosts", "tower", cwd=src, check=False)

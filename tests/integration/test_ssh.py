@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from netproxy import FreezingProxy
+from support import closed_port
 
 
 
@@ -166,7 +167,7 @@ def test_placement_across_two_hosts(sshd, tmp_path):
     hosts = sshd.hosts_yaml(tmp_path / "hosts.yaml", {"a": ("rtrain-alice", sshd.port),
                                                       "b": ("rtrain-bob", port2,
                                                             {"lock_dir": tmp_path / "b-locks"}),
-                                                      "dead": ("rtrain-bob", _closed_port())})
+                                                      "dead": ("rtrain-bob", closed_port())})
     busy = rt(sshd, hosts, "submit", "-q", "--host", "a", "--gpus", "4", "--", "sleep", "30", cwd=src, env=env)
     p = rt(sshd, hosts, "submit", "-q", "--gpus", "2", "--", "true", cwd=src, env=env)
     assert p.stdout.strip().startswith("b:"), p.stdout + p.stderr
@@ -175,14 +176,6 @@ def test_placement_across_two_hosts(sshd, tmp_path):
     st = rt(sshd, hosts, "status", cwd=src, env=env, check=False)
     assert st.returncode == 1 and "dead: connection refused" in st.stderr  # says which host failed
     assert "a:" in st.stdout  # and still lists the others' jobs
-
-
-def _closed_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def test_unknown_and_changed_host_keys(sshd, tower, tmp_path):
@@ -218,7 +211,7 @@ def test_refused_key(sshd, tower, tmp_path):
 
 def test_unreachable_refused_and_timeout(sshd, tower, tmp_path):
     _, src = tower
-    hosts = sshd.hosts_yaml(tmp_path / "h.yaml", {"tower": ("rtrain-alice", _closed_port())})
+    hosts = sshd.hosts_yaml(tmp_path / "h.yaml", {"tower": ("rtrain-alice", closed_port())})
     p = rt(sshd, hosts, "submit", "--", "true", cwd=src, check=False)
     assert p.returncode == 1 and "connection refused" in p.stderr and "Traceback" not in p.stderr
     silent = socket.socket()

@@ -1,6 +1,5 @@
 """The job wrapper (runner.py), run for real in a forked child as the daemon runs it: its exit
 record must survive a full disk, and a job cancelled before it started has no exit code."""
-import errno
 import json
 import os
 import subprocess
@@ -8,7 +7,7 @@ import time
 
 import pytest
 
-from support import need
+from support import fill_disk, need
 from launcher.agent import db, fsutil, paths, runner, scheduler
 
 
@@ -50,19 +49,8 @@ def small_disk(tmp_path):
 
 
 def _fill(d, leave=0):
-    """Fill the file system holding d, leaving `leave` bytes free."""
-    with open(os.path.join(str(d), "filler"), "ab") as f:
-        while True:
-            st = os.statvfs(str(d))
-            room = st.f_bavail * st.f_frsize - leave
-            if room <= 0:
-                break
-            try:
-                f.write(b"\0" * min(room, 1 << 16))
-                f.flush()
-            except OSError as e:
-                assert e.errno == errno.ENOSPC
-                break
+    """Fill the file system holding d, leaving exactly `leave` bytes free."""
+    fill_disk(d, leave)
     st = os.statvfs(str(d))
     assert st.f_bavail * st.f_frsize == leave
 
