@@ -11,6 +11,13 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 
+# The Unix users of the integration tests. RTRAIN_TEST_USER_TAG (a few letters) gives another
+# checkout its own users, so two test runs on one machine never kill each other's processes.
+USER_TAG = os.environ.get("RTRAIN_TEST_USER_TAG", "")
+ALICE = "rtrain-alice" + USER_TAG
+BOB = "rtrain-bob" + USER_TAG
+NOPY = "rtrain-nopy" + USER_TAG
+
 
 def in_ci():
     return os.environ.get("CI", "").lower() in ("1", "true", "yes")

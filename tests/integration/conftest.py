@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from support import REPO, need
+from support import ALICE, BOB, NOPY, REPO, need
 
-USERS = ("rtrain-alice", "rtrain-bob", "rtrain-nopy")
+USERS = (ALICE, BOB, NOPY)
 
 
 def free_port():
@@ -70,7 +70,7 @@ class Sshd:
             "Subsystem sftp internal-sftp", "MaxStartups 200:30:300", "MaxSessions 100",
             "AllowTcpForwarding yes", "LogLevel ERROR",
             "SetEnv PATH=%s:/usr/local/bin:/usr/bin:/bin" % self.bin_dir,
-            "Match User rtrain-nopy", "  SetEnv PATH=%s" % self.nopy_dir, ""]))
+            "Match User %s" % NOPY, "  SetEnv PATH=%s" % self.nopy_dir, ""]))
         os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
         p = subprocess.Popen([_sshd_binary(), "-D", "-e", "-f", str(conf)],
                              stdout=subprocess.DEVNULL, stderr=open(self.root / ("sshd_%s.log" % name), "w"))

@@ -17,7 +17,7 @@ import uuid
 import pytest
 
 import fakesmi
-from support import REPO, fill_disk, need, one_error, stop_agent
+from support import ALICE, REPO, fill_disk, need, one_error, stop_agent
 
 TERMINAL = ("succeeded", "failed", "cancelled", "lost")
 
@@ -80,7 +80,7 @@ def smi(sshd):
 
 
 def tower_hosts(sshd, tmp_path, name="hosts.yaml", **extra):
-    return sshd.hosts_yaml(tmp_path / name, {"tower": ("rtrain-alice", sshd.port, extra)})
+    return sshd.hosts_yaml(tmp_path / name, {"tower": (ALICE, sshd.port, extra)})
 
 
 # ------------------------------------------------------------------ nvidia-smi
@@ -134,7 +134,7 @@ def test_gpu_job_waits_with_a_reason_when_nvidia_smi_breaks(sshd, smi, tmp_path,
     then it waits (never starts on a GPU nobody can vouch for) and `rtrain status JOB` says why."""
     from launcher.agent import scheduler
     home = private_dir(sshd, "home", mode=0o700)
-    shutil.chown(str(home), "rtrain-alice", "rtrain-alice")
+    shutil.chown(str(home), ALICE, ALICE)
     hosts = tower_hosts(sshd, tmp_path, nvidia_smi=smi.path, home=home)
     first = rt(sshd, hosts, "submit", "-q", "--gpus", "1", "--", "true", cwd=src).stdout.strip()
     assert wait(sshd, hosts, first, src)["state"] == "succeeded"
@@ -204,7 +204,7 @@ def mount_small_disk(d, owner=None):
 def small_disk(sshd):
     """A 2 MiB tmpfs owned by rtrain-alice (mode 0700), unmounted at the end."""
     d = private_dir(sshd, "smalldisk")
-    unmount = mount_small_disk(d, "rtrain-alice")
+    unmount = mount_small_disk(d, ALICE)
     yield d
     unmount()
     shutil.rmtree(d, ignore_errors=True)
@@ -306,7 +306,7 @@ def test_rtrain_home_not_writable(sshd, tmp_path, src):
 
 def test_rtrain_home_made_read_only_after_use(sshd, tmp_path, src):
     home = private_dir(sshd, "home", mode=0o700)
-    shutil.chown(str(home), "rtrain-alice", "rtrain-alice")
+    shutil.chown(str(home), ALICE, ALICE)
     hosts = tower_hosts(sshd, tmp_path, home=home)
     first = rt(sshd, hosts, "submit", "-q", "--", "true", cwd=src).stdout.strip()
     assert wait(sshd, hosts, first, src)["state"] == "succeeded"

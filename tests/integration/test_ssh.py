@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from netproxy import FreezingProxy
-from support import closed_port
+from support import ALICE, BOB, NOPY, closed_port
 
 
 
@@ -37,7 +37,7 @@ def tower(sshd, tmp_path):
     import fakesmi
     fakesmi.write_state(sshd.bin_dir / "nvidia-smi-state.json", gpus=4)
     os.chmod(sshd.bin_dir / "nvidia-smi-state.json", 0o644)
-    hosts = sshd.hosts_yaml(tmp_path / "hosts.yaml", {"tower": ("rtrain-alice", sshd.port)})
+    hosts = sshd.hosts_yaml(tmp_path / "hosts.yaml", {"tower": (ALICE, sshd.port)})
     src = tmp_path / "src"
     src.mkdir()
     return hosts, src
@@ -117,7 +117,7 @@ def test_two_unix_users_share_a_tower(sshd, tmp_path):
     rec.mkdir(exist_ok=True)
     os.chmod(rec, 0o1777)
     worlds = []
-    for user in ("rtrain-alice", "rtrain-bob"):
+    for user in (ALICE, BOB):
         src = tmp_path / user
         src.mkdir()
         (src / "rec.py").write_text(
@@ -164,10 +164,10 @@ def test_placement_across_two_hosts(sshd, tmp_path):
     env = sshd.env(known_hosts=kh)
     src = tmp_path / "src"
     src.mkdir()
-    hosts = sshd.hosts_yaml(tmp_path / "hosts.yaml", {"a": ("rtrain-alice", sshd.port),
-                                                      "b": ("rtrain-bob", port2,
+    hosts = sshd.hosts_yaml(tmp_path / "hosts.yaml", {"a": (ALICE, sshd.port),
+                                                      "b": (BOB, port2,
                                                             {"lock_dir": tmp_path / "b-locks"}),
-                                                      "dead": ("rtrain-bob", closed_port())})
+                                                      "dead": (BOB, closed_port())})
     busy = rt(sshd, hosts, "submit", "-q", "--host", "a", "--gpus", "4", "--", "sleep", "30", cwd=src, env=env)
     p = rt(sshd, hosts, "submit", "-q", "--gpus", "2", "--", "true", cwd=src, env=env)
     assert p.stdout.strip().startswith("b:"), p.stdout + p.stderr
@@ -202,23 +202,23 @@ def test_unknown_and_changed_host_keys(sshd, tower, tmp_path):
 
 def test_refused_key(sshd, tower, tmp_path):
     _, src = tower
-    hosts = sshd.hosts_yaml(tmp_path / "h2.yaml", {"tower": ("rtrain-alice", sshd.port,
+    hosts = sshd.hosts_yaml(tmp_path / "h2.yaml", {"tower": (ALICE, sshd.port,
                                                              {"identity_file": sshd.other_key})})
     p = rt(sshd, hosts, "status", cwd=src, check=False)
-    assert p.returncode == 1 and "authentication refused for rtrain-alice@" in p.stderr
+    assert p.returncode == 1 and "authentication refused for %s@" % ALICE in p.stderr
     assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 2, p.stderr
 
 
 def test_unreachable_refused_and_timeout(sshd, tower, tmp_path):
     _, src = tower
-    hosts = sshd.hosts_yaml(tmp_path / "h.yaml", {"tower": ("rtrain-alice", closed_port())})
+    hosts = sshd.hosts_yaml(tmp_path / "h.yaml", {"tower": (ALICE, closed_port())})
     p = rt(sshd, hosts, "submit", "--", "true", cwd=src, check=False)
     assert p.returncode == 1 and "connection refused" in p.stderr and "Traceback" not in p.stderr
     silent = socket.socket()
     silent.bind(("127.0.0.1", 0))
     silent.listen(5)  # accepts, never answers
     try:
-        hosts = sshd.hosts_yaml(tmp_path / "h3.yaml", {"tower": ("rtrain-alice", silent.getsockname()[1],
+        hosts = sshd.hosts_yaml(tmp_path / "h3.yaml", {"tower": (ALICE, silent.getsockname()[1],
                                                                  {"connect_timeout": 1})})
         t = time.time()
         p = rt(sshd, hosts, "status", "--host", "tower", cwd=src, check=False)
@@ -251,7 +251,7 @@ def test_dns_failure_without_dns(sshd, tower, tmp_path, monkeypatch, capsys):
 
 def test_host_without_python3(sshd, tower, tmp_path):
     _, src = tower
-    hosts = sshd.hosts_yaml(tmp_path / "h.yaml", {"tower": ("rtrain-nopy", sshd.port)})
+    hosts = sshd.hosts_yaml(tmp_path / "h.yaml", {"tower": (NOPY, sshd.port)})
     p = rt(sshd, hosts, "submit", "--", "true", cwd=src, check=False)
     assert p.returncode == 1 and "python3 not found on the host" in p.stderr
     assert "Traceback" not in p.stderr
@@ -299,7 +299,7 @@ def test_a_silent_network_fails_with_no_answer_instead_of_hanging(sshd, tower, t
                            "exec python3 \"$@\"\n" % {"d": flags})
         os.chmod(wrapper, 0o755)
         hosts = sshd.hosts_yaml(tmp_path / "frozen.yaml", {"tower": (
-            "rtrain-alice", proxy.port, {"python": wrapper, "io_timeout": 2})})
+            ALICE, proxy.port, {"python": wrapper, "io_timeout": 2})})
         key = " ".join(sshd.host_key.with_suffix(".pub").read_text().split()[:2])
         kh = tmp_path / "kh_proxy"
         kh.write_text("[127.0.0.1]:%d %s\n" % (proxy.port, key))

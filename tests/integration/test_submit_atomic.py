@@ -22,7 +22,9 @@ import uuid
 
 import pytest
 
-USER = "rtrain-alice"
+from support import ALICE
+
+USER = ALICE
 TERMINAL = ("succeeded", "failed", "cancelled", "lost")
 
 
