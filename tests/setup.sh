@@ -1,7 +1,7 @@
 #!/bin/bash
 # Everything the tests need on a fresh Debian/Ubuntu machine (run as root, or with sudo):
 # OpenSSH's sshd for the integration tests, git, rsync and task-spooler for the benchmarks,
-# and rtrain itself with its Python dependencies.
+# and rtrain itself with its Python dependencies (and ruff, the linter .ci/run runs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"

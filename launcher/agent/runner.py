@@ -74,10 +74,6 @@ def run_wrapper(home, job, lock_fds, poke, close_fds=()):
 EXIT_ROOM = 4096
 
 
-def pending_exit_file(home, job_id):
-    return os.path.join(home.job_dir(job_id), "exit.pending")
-
-
 def _reserve_exit(path):
     """An open fd on `path` holding EXIT_ROOM bytes of spaces, or None if there is no room."""
     try:
@@ -113,11 +109,11 @@ def _write_exit(home, job_id, reserved, record):
     if reserved is not None and len(data) <= EXIT_ROOM:
         try:
             os.pwrite(reserved, data, 0)
-            os.rename(pending_exit_file(home, job_id), home.exit_file(job_id))
+            os.rename(home.job(job_id).exit_pending, home.job(job_id).exit)
             return
         except OSError:
             pass
-    fsutil.write_json_atomic(home.exit_file(job_id), record, durable=False)
+    fsutil.write_json_atomic(home.job(job_id).exit, record, durable=False)
 
 
 def _write_best_effort(path, obj):
@@ -134,13 +130,13 @@ def _write_best_effort(path, obj):
 def _wrap(home, job, lock_fds, poke, state, grace=10):
     job_id = job["id"]
     try:
-        log_fd = os.open(home.log(job_id), os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
+        log_fd = os.open(home.job(job_id).log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
                          0o600)
     except OSError:
         log_fd = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
     env = job_env(os.environ, job_id, job["gpus"], job.get("env"))
-    reserved = _reserve_exit(pending_exit_file(home, job_id))
-    if os.path.exists(home.cancel_file(job_id)):
+    reserved = _reserve_exit(home.job(job_id).exit_pending)
+    if os.path.exists(home.job(job_id).cancel):
         state["cancelled"] = True
     try:
         if state["cancelled"]:
@@ -150,7 +146,7 @@ def _wrap(home, job, lock_fds, poke, state, grace=10):
             poke()
             return _durable(home, job_id, reserved)
         child = subprocess.Popen(
-            [SHELL, "-c", job["command"]], cwd=home.work(job_id), env=env,
+            [SHELL, "-c", job["command"]], cwd=home.job(job_id).work, env=env,
             stdin=subprocess.DEVNULL, stdout=log_fd, stderr=subprocess.STDOUT,
             pass_fds=tuple(lock_fds), close_fds=True, **_OWN_GROUP)
     except OSError as e:
@@ -160,7 +156,7 @@ def _wrap(home, job, lock_fds, poke, state, grace=10):
         poke()
         return _durable(home, job_id, reserved)
     os.close(log_fd)
-    _write_best_effort(home.pid_file(job_id), {
+    _write_best_effort(home.job(job_id).pids, {
         "wrapper_pid": os.getpid(), "wrapper_start": fsutil.proc_start_time(os.getpid()),
         "pgid": child.pid, "pgid_start": fsutil.proc_start_time(child.pid),
         "boot_id": fsutil.boot_id(), "started_at": time.time()})
@@ -189,7 +185,7 @@ def _wrap(home, job, lock_fds, poke, state, grace=10):
     # Tell the daemon first (the next job waits on it), make the record durable after.
     _write_exit(home, job_id, reserved, {
         "exit_code": rc, "signal": sig, "ended_at": time.time(),
-        "cancelled": state["cancelled"] or os.path.exists(home.cancel_file(job_id))})
+        "cancelled": state["cancelled"] or os.path.exists(home.job(job_id).cancel)})
     poke()
     if lock_fds and job.get("lock_dir"):
         # other users' daemons waiting for these GPUs (ours was poked above)
@@ -201,8 +197,8 @@ def _durable(home, job_id, reserved):
     """Make the exit record durable (after the daemon heard of it: off the hand-off path)."""
     if reserved is not None:
         os.close(reserved)
-    fsutil.fsync_path(home.exit_file(job_id))
-    fsutil.fsync_path(home.job_dir(job_id))
+    fsutil.fsync_path(home.job(job_id).exit)
+    fsutil.fsync_path(home.job(job_id).dir)
     return 0
 
 
@@ -253,9 +249,9 @@ def _killpg(pgid, sig):
 
 
 def read_exit(home, job_id):
-    return fsutil.read_json(home.exit_file(job_id))
+    return fsutil.read_json(home.job(job_id).exit)
 
 
 def read_pids(home, job_id):
-    return fsutil.read_json(home.pid_file(job_id)) or {}
+    return fsutil.read_json(home.job(job_id).pids) or {}
 
