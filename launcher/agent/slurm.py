@@ -31,7 +31,10 @@ import time
 WRAPPER = r"""#!/bin/bash
 # rtrain: the batch wrapper of a job on Slurm (launcher/agent/slurm.py).
 d=$1
-[ -z "${SLURM_ARRAY_TASK_ID:-}" ] || d=$d/$SLURM_ARRAY_TASK_ID
+if [ -n "${SLURM_ARRAY_TASK_ID:-}" ]; then
+  d=$1/$SLURM_ARRAY_TASK_ID
+  real=$(cd -P "$d" 2>/dev/null && pwd) && d=$real
+fi
 now() { local t=${EPOCHREALTIME:-}; if [ -n "$t" ]; then echo "${t/,/.}"; else date +%s; fi; }
 put() { printf '%s\n' "$2" > "$d/$1.tmp$$" && mv -f "$d/$1.tmp$$" "$d/$1"; }
 node=${SLURMD_NODENAME:-$(hostname)}
@@ -52,7 +55,7 @@ if [ -f "$d/env0" ]; then
   while IFS= read -r -d '' kv; do export "$kv"; done < "$d/env0"
 fi
 export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES-}
-if cmd=$(cat "$d/command") && cd "$d/work"; then
+if cmd=$(cat "$d/command") && cd -P "$d/work"; then
   # (stderr of this group to /dev/null: bash's own "Killed" notice; the job's goes to fd 3)
   { /bin/bash -c "$cmd" 2>&3 3>&-; rc=$?; } 3>&2 2>/dev/null
 else

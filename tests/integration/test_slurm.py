@@ -195,8 +195,9 @@ def test_cancel_a_running_and_a_pending_job_and_gpus_per_node(login, home):
 def test_an_array_with_a_throttle(login, home):
     ids = [11, 12, 13, 14]
     res = login.ok(home, ("make_jobs", {"ids": ids}),
-                   ("submit", {"jobs": [job(i, "echo task $RTRAIN_JOB_ID $SLURM_ARRAY_TASK_ID; "
-                                              "sleep 2", SWEEP_LR=str(i / 100)) for i in ids],
+                   ("submit", {"jobs": [job(i, "echo task $RTRAIN_JOB_ID $SLURM_ARRAY_TASK_ID "
+                                              "$PWD $SWEEP_LR; sleep 3", SWEEP_LR=str(i / 100))
+                                        for i in ids],
                                "options": {"gpus": 1, "array_limit": 2}}),
                    ("wait", {"ids": ids, "timeout": 90}), ("files", {"ids": ids}))
     sids, views, files = res[1], res[2]["views"], res[3]
@@ -204,7 +205,10 @@ def test_an_array_with_a_throttle(login, home):
     assert sids == ["%s_%d" % (base, t) for t in range(4)]
     assert all(views[str(i)]["state"] == "succeeded" for i in ids), views
     assert [views[str(i)]["slurm_job_id"] for i in ids] == sids
-    assert [files[str(i)]["log"] for i in ids] == ["task %d %d\n" % (i, t) for t, i in enumerate(ids)]
+    logs = [files[str(i)]["log"].split() for i in ids]
+    assert [x[:3] + x[4:] for x in logs] == [["task", str(i), str(t), str(i / 100)]
+                                              for t, i in enumerate(ids)]
+    assert [x[3].endswith("/jobs/%d/work" % i) for x, i in zip(logs, ids)] == [True] * 4
     assert overlap([views[str(i)] for i in ids]) == 2  # %2, with 4 GPUs free
 
 

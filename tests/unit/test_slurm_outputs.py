@@ -476,10 +476,10 @@ def test_wrapper_outlives_slurms_sigterm_to_record_a_cancel(tmp_path):
 
 
 def test_wrapper_of_an_array_task_finds_its_job_through_the_links(tmp_path):
-    home, wrapper, folder, env = _wrapper_job(tmp_path, "echo task $RTRAIN_JOB_ID", job_id=12,
+    home, wrapper, folder, env = _wrapper_job(tmp_path, "echo task $RTRAIN_JOB_ID $PWD", job_id=12,
                                               array_task=3)
     p = _run(wrapper, folder, env, tmp_path)
-    assert p.returncode == 0 and p.stdout == b"task 12\n"
+    assert p.returncode == 0 and p.stdout.decode() == "task 12 %s\n" % home.work(12)
     ex = json.loads(open(home.exit_file(12)).read())
     assert ex["slurm_job_id"] == "40_3" and ex["exit_code"] == 0
 
