@@ -55,8 +55,9 @@ class Sshd:
             os.chmod(p, 0o755)
         self.port, self.host_key, self.known_hosts = self.start("main")
 
-    def start(self, name):
-        """Start one sshd; returns (port, host key path, a known_hosts file naming it)."""
+    def start(self, name, set_env=None):
+        """Start one sshd; returns (port, host key path, a known_hosts file naming it).
+        set_env: more variables of every session (PATH replaces the default), e.g. SLURM_CONF."""
         port = free_port()
         key = self.root / ("host_%s" % name)
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
@@ -69,7 +70,8 @@ class Sshd:
             "PermitRootLogin prohibit-password", "UsePAM yes", "StrictModes no",
             "Subsystem sftp internal-sftp", "MaxStartups 200:30:300", "MaxSessions 100",
             "AllowTcpForwarding yes", "LogLevel ERROR",
-            "SetEnv PATH=%s:/usr/local/bin:/usr/bin:/bin" % self.bin_dir,
+            "SetEnv " + " ".join("%s=%s" % kv for kv in sorted(dict(
+                {"PATH": "%s:/usr/local/bin:/usr/bin:/bin" % self.bin_dir}, **(set_env or {})).items())),
             "Match User %s" % NOPY, "  SetEnv PATH=%s" % self.nopy_dir, ""]))
         os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
         p = subprocess.Popen([_sshd_binary(), "-D", "-e", "-f", str(conf)],
