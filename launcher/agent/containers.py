@@ -9,7 +9,7 @@ only, Python 3.8 (this module ships inside the agent).
 A container job, as the wrapper (runner.py) runs it:
 
     ENGINE run --rm --pull=missing --name rtrain-USER-HHHHHH-JOB --label rtrain.user=USER ...
-        --init [--init-path=...] --network=host --ipc=host
+        --init [--init-path=...] --stop-timeout=GRACE --network=host --shm-size=8g
         --user UID:GID | --userns=keep-id
         --mount type=bind,source=WORK,target=WORK --workdir WORK
         -e NAME ... (values in the engine's environment, never on its argv: other users see argv)
@@ -58,14 +58,18 @@ class ContainerError(Exception):
 
 # ---------------------------------------------------------------- the job's container settings
 
-DEFAULTS = {"image": None, "engine": None, "network": "host", "ipc": "host", "pull": "missing",
-            "mounts": [], "init": True}
+# shm_size: the engines give a container 64 MB of /dev/shm, too little for PyTorch's DataLoader
+# workers ("Bus error"); a tmpfs size is a limit, not a reservation. (--ipc=host would do too,
+# but rootless podman then needs /dev/mqueue on the host, which minimal hosts lack.)
+DEFAULTS = {"image": None, "engine": None, "network": "host", "ipc": None, "shm_size": "8g",
+            "pull": "missing", "mounts": [], "init": True}
 
 
 def settings(raw):
     """The container settings of a job (a dict, as stored with the job) checked and completed:
-    image (required), engine (docker | podman | None: pick), network (host), ipc (host),
-    pull (missing | never | always), mounts ([{"source", "target", "readonly"}]), init (true)."""
+    image (required), engine (docker | podman | None: pick), network (host), ipc (None: the
+    engine's), shm_size (8g), pull (missing | never | always), mounts ([{"source", "target",
+    "readonly"}]), init (true)."""
     if not isinstance(raw, dict):
         raise ContainerError("a container job's settings must be a mapping, got %r" % (raw,))
     unknown = sorted(set(raw) - set(DEFAULTS))
@@ -85,6 +89,8 @@ def settings(raw):
         v = s[key]
         if v is not None and (not isinstance(v, str) or not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$", v)):
             raise ContainerError("container %s must be a name such as host or none, got %r" % (key, v))
+    if s["shm_size"] is not None and not re.match(r"^[0-9]+[bkmgBKMG]?$", str(s["shm_size"])):
+        raise ContainerError("shm_size must be a size such as 8g, got %r" % (s["shm_size"],))
     mounts = []
     for m in s["mounts"] or []:
         if isinstance(m, str):
@@ -243,6 +249,8 @@ def run_argv(engine, s, job_id, work, command, env_words, gpus, uid, gid, user, 
         argv.append("--network=%s" % s["network"])
     if s.get("ipc"):
         argv.append("--ipc=%s" % s["ipc"])
+    elif s.get("shm_size"):
+        argv.append("--shm-size=%s" % s["shm_size"])
     if engine == "podman" and uid != 0:
         argv.append("--userns=keep-id")  # rootless: the job runs as the user, files are theirs
     else:
@@ -276,9 +284,10 @@ def running_argv(engine_bin, name):
 
 
 def list_argv(engine_bin, home_root):
-    """The running containers of one RTRAIN_HOME, one `NAME JOB` per line."""
+    """The running containers of one RTRAIN_HOME, one name per line (the job id ends it; the
+    engines' templates for one label differ)."""
     return [engine_bin, "ps", "--filter", "label=rtrain.home=%s" % os.path.abspath(home_root),
-            "--format", '{{.Names}} {{index .Labels "rtrain.job"}}']
+            "--format", "{{.Names}}"]
 
 
 # ---------------------------------------------------------------- GPUs
@@ -412,11 +421,12 @@ def engine_list(engine_bin, home_root, env=None):
     rc, out, _ = engine_call(list_argv(engine_bin, home_root), env)
     if rc != 0:
         return None
+    prefix = "-%s-" % home_hash(home_root)
     found = {}
-    for line in out.splitlines():
-        parts = line.split()
-        if len(parts) == 2 and parts[1].isdigit():
-            found[int(parts[1])] = parts[0]
+    for name in out.split():
+        job = name.rpartition("-")[2]
+        if name.startswith("rtrain-") and prefix in name and job.isdigit():
+            found[int(job)] = name
     return found
 
 

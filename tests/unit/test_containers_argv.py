@@ -26,7 +26,7 @@ def test_docker_gpu_job_golden():
     assert _argv("docker", UUIDS) == [
         "/usr/bin/docker", "run", "--rm", "--pull=missing", "--name", "rtrain-ann-%s-12" % HH,
         "--label", "rtrain.user=ann", "--label", "rtrain.home=" + HOME, "--label", "rtrain.job=12",
-        "--init", "--stop-timeout=10", "--network=host", "--ipc=host",
+        "--init", "--stop-timeout=10", "--network=host", "--shm-size=8g",
         "--user", "1000:1000",
         "--mount", "type=bind,source=%s,target=%s" % (WORK, WORK), "--workdir", WORK,
         "-e", "CUDA_VISIBLE_DEVICES", "-e", "HOME=/tmp/h", "-e", "RTRAIN_JOB_ID", "-e", "WANDB_API_KEY",
@@ -35,7 +35,8 @@ def test_docker_gpu_job_golden():
 
 
 def test_podman_rootless_gpu_job_golden():
-    assert _argv("podman", UUIDS, mounts=["/data/imagenet:/data:ro"], network="none", pull="never") == [
+    assert _argv("podman", UUIDS, mounts=["/data/imagenet:/data:ro"], network="none", pull="never",
+                 ipc="host") == [
         "/usr/bin/podman", "run", "--rm", "--pull=never", "--name", "rtrain-ann-%s-12" % HH,
         "--label", "rtrain.user=ann", "--label", "rtrain.home=" + HOME, "--label", "rtrain.job=12",
         "--init", "--init-path=/usr/bin/tini-static", "--stop-timeout=10", "--network=none", "--ipc=host",
@@ -48,10 +49,10 @@ def test_podman_rootless_gpu_job_golden():
 
 
 def test_cpu_job_has_no_gpu_flags_and_root_podman_runs_as_root():
-    argv = _argv("podman", (), uid=0, init=False, ipc=None)
+    argv = _argv("podman", (), uid=0, init=False, shm_size=None)
     assert "--gpus" not in argv and "--device" not in argv
     assert "--userns=keep-id" not in argv and argv[argv.index("--user") + 1] == "0:1000"
-    assert "--init" not in argv and not any(a.startswith("--ipc") for a in argv)
+    assert "--init" not in argv and not any(a.startswith(("--ipc", "--shm")) for a in argv)
 
 
 def test_secrets_never_on_the_argv():
@@ -66,7 +67,7 @@ def test_name_and_labels_say_user_home_and_job():
     assert C.container_name("d.o'e x", HOME, 7).startswith("rtrain-d.o_e_x-")
     assert C.container_name("ann", HOME + "2", 7) != C.container_name("ann", HOME, 7)
     assert C.list_argv("docker", HOME) == ["docker", "ps", "--filter", "label=rtrain.home=" + HOME,
-                                           "--format", '{{.Names}} {{index .Labels "rtrain.job"}}']
+                                           "--format", "{{.Names}}"]
 
 
 def test_stop_kill_rm_running_argv():
@@ -80,7 +81,7 @@ def test_stop_kill_rm_running_argv():
     ({}, "bad image"), ({"image": "-v"}, "bad image"), ({"image": "a b"}, "bad image"),
     ({"image": "x", "engine": "lxc"}, "docker or podman"), ({"image": "x", "pull": "sometimes"}, "pull"),
     ({"image": "x", "network": "host; rm"}, "network"), ({"image": "x", "gpu": 1}, "unknown container setting gpu"),
-    ({"image": "x", "mounts": [{"target": "/x"}]}, "a mount"),
+    ({"image": "x", "mounts": [{"target": "/x"}]}, "a mount"), ({"image": "x", "shm_size": "8 GB"}, "shm_size"),
 ])
 def test_bad_settings_say_what(raw, needle):
     with pytest.raises(C.ContainerError) as e:
