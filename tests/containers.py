@@ -238,14 +238,24 @@ def dockerd_missing():
 # ------------------------------------------------------------------ rootless podman
 
 def ensure_user(name):
-    """A test user with a subordinate uid/gid range (what rootless podman needs)."""
+    """A test user with a subordinate uid/gid range (what rootless podman needs; useradd gives
+    one where login.defs asks for it, else one is added after the highest range in use)."""
     if _run(["id", name]).returncode != 0:
         _run(["useradd", "-m", "-s", "/bin/bash", name], check=True)
         _run(["usermod", "-p", "*", name], check=True)
+    ranges = {}
     for f in ("/etc/subuid", "/etc/subgid"):
-        with open(f) as fh:
-            if not any(line.split(":")[0] == name for line in fh):
-                return None
+        try:
+            with open(f) as fh:
+                ranges[f] = [line.strip().split(":") for line in fh if line.count(":") == 2]
+        except OSError:
+            ranges[f] = []
+    if not all(any(r[0] == name for r in ranges[f]) for f in ranges):
+        start = max([100000] + [int(r[1]) + int(r[2]) for f in ranges for r in ranges[f]
+                                if r[1].isdigit() and r[2].isdigit()])
+        span = "%d-%d" % (start, start + 65535)
+        if _run(["usermod", "--add-subuids", span, "--add-subgids", span, name]).returncode != 0:
+            return None
     return pwd.getpwnam(name)
 
 
