@@ -18,7 +18,7 @@ import pytest
 import containers as ct
 from launcher.agent import containers as C
 from launcher.agent import paths, runner
-from support import USER_TAG
+from support import USER_TAG, need
 
 pytestmark = pytest.mark.slow
 
@@ -208,9 +208,8 @@ def test_files_the_job_writes_are_the_users(engine, job_factory):
 def test_docker_job_as_an_ordinary_user_writes_as_that_user(dockerd, base_image, job_factory):
     """docker runs the job with --user UID:GID: a non-root user's files are theirs."""
     pw = ct.ensure_user(ct.PODMAN_USER)
-    docker_gid = grp.getgrnam("docker").gr_gid if _has_group("docker") else None
-    if docker_gid is None:
-        pytest.skip("no group docker to give the test user the private dockerd's socket")
+    need(_has_group("docker"), "no group docker (docker.io makes it) for the private dockerd's socket")
+    docker_gid = grp.getgrnam("docker").gr_gid
     os.chown(str(dockerd.sock), 0, docker_gid)
     engine = Engine("docker", base_image, dict(os.environ, PATH=PATH, DOCKER_HOST=dockerd.url,
                                                HOME=pw.pw_dir), pw=pw, groups=[docker_gid])
@@ -234,7 +233,6 @@ def _has_group(name):
 def test_docker_gpu_job_without_the_toolkit_fails_at_once_saying_what_to_install(docker_engine, job_factory):
     uuids = ["GPU-0f0e0d0c-0000-4000-8000-00000000000%d" % i for i in range(2)]
     job = job_factory(docker_engine)
-    t0 = time.time()
     job.start("echo should not run", gpus=uuids)
     ex = job.wait()
     log = job.log()
@@ -244,7 +242,6 @@ def test_docker_gpu_job_without_the_toolkit_fails_at_once_saying_what_to_install
                        "the NVIDIA Container Toolkit is not installed", log
     assert lines[1].startswith("  hint: install nvidia-container-toolkit") and len(lines) == 2, log
     assert "should not run" not in log and "could not select device driver" not in log
-    assert time.time() - t0 < 10
     # the argv it would have run does carry the UUIDs, in the form the docker CLI parses: the
     # daemon answers with its own (cryptic) driver error, not a flag error
     argv = ["--gpus", '"device=%s"' % ",".join(uuids)]
