@@ -65,7 +65,7 @@ class Bench:
         for _ in range(n):
             i = self.next_id
             self.next_id += 1
-            os.makedirs(self.home.work(i))
+            os.makedirs(self.home.job(i).work)
             jobs.append({"id": i, "command": command, "env": {}})
         return jobs
 

@@ -28,7 +28,7 @@ def main():
     def make_jobs(ids, files=None):
         """Job folders as the agent builds them before a submit: jobs/N/work/ with files."""
         for i in ids:
-            work = home.work(i)
+            work = home.job(i).work
             os.makedirs(work, mode=0o700, exist_ok=True)
             for name, text in (files or {}).items():
                 with open(os.path.join(work, name), "w") as f:
@@ -57,7 +57,7 @@ def main():
     def files(ids, names=("log", "exit.json", "start.json")):
         out = {}
         for i in ids:
-            d = home.job_dir(i)
+            d = home.job(i).dir
             out[str(i)] = {}
             for n in names:
                 try:

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 
-from . import fsutil, leases
+from . import containers, fsutil, leases
 
 SHELL = "/bin/bash" if os.path.exists("/bin/bash") else "/bin/sh"
 # The job gets a process group of its own (cancel signals the group). process_group= (3.11+)
@@ -47,6 +47,12 @@ def run_wrapper(home, job, lock_fds, poke, close_fds=()):
             state["cancelled"] = True
             if state["child"] is not None and state["term_at"] is None:
                 state["term_at"] = time.monotonic()
+                if state.get("container"):
+                    # the engine stops it: SIGTERM, SIGKILL after the grace period
+                    _container_stop(state["container"], grace)
+                    signal.signal(signal.SIGALRM, lambda s, f: _container_kill(state))
+                    signal.alarm(grace + CONTAINER_STOP_SLACK_S)
+                    return
                 _killpg(state["child"], signal.SIGTERM)
                 signal.signal(signal.SIGALRM, lambda s, f: _killpg(state["child"], signal.SIGKILL))
                 signal.alarm(grace)
@@ -145,10 +151,20 @@ def _wrap(home, job, lock_fds, poke, state, grace=10):
                 "exit_code": None, "signal": None, "ended_at": time.time(), "cancelled": True})
             poke()
             return _durable(home, job_id, reserved)
+        argv = [SHELL, "-c", job["command"]]
+        if job.get("container"):
+            argv, env, state["container"] = _container_command(home, job)
         child = subprocess.Popen(
-            [SHELL, "-c", job["command"]], cwd=home.job(job_id).work, env=env,
+            argv, cwd=home.job(job_id).work, env=env,
             stdin=subprocess.DEVNULL, stdout=log_fd, stderr=subprocess.STDOUT,
             pass_fds=tuple(lock_fds), close_fds=True, **_OWN_GROUP)
+    except containers.ContainerError as e:
+        _log(log_fd, e.lines())
+        _write_exit(home, job_id, reserved, {
+            "exit_code": CONTAINER_CANNOT_RUN, "signal": None, "ended_at": time.time(),
+            "cancelled": state["cancelled"], "message": e.message})
+        poke()
+        return _durable(home, job_id, reserved)
     except OSError as e:
         _log(log_fd, "rtrain: cannot start the job: %s\n" % e)
         _write_exit(home, job_id, reserved, {
@@ -173,6 +189,11 @@ def _wrap(home, job, lock_fds, poke, state, grace=10):
     signal.alarm(0)
     # The command is done; anything it left running in its group goes with it.
     _killpg(child.pid, signal.SIGKILL)
+    if state.get("container") and (rc < 0 or state["cancelled"]):
+        # the engine's client was killed, or the job cancelled (maybe while the container was
+        # being made): no container may outlive the job and its GPU leases
+        engine_bin, name, cenv = state["container"]
+        containers.engine_call(containers.rm_argv(engine_bin, name), cenv)
     for fd in lock_fds:
         try:
             os.close(fd)
@@ -191,6 +212,37 @@ def _wrap(home, job, lock_fds, poke, state, grace=10):
         # other users' daemons waiting for these GPUs (ours was poked above)
         leases.wake_waiters(job["lock_dir"], skip=leases.waiter_path(job["lock_dir"], home.root))
     return _durable(home, job_id, reserved)
+
+
+# A container job: its command is `ENGINE run ...` (agent/containers.py), attached, so its
+# output is the job's log and its exit status the job's. A cancel asks the engine to stop the
+# container; the engine's own SIGKILL comes after the grace period, ours a little later.
+CONTAINER_CANNOT_RUN = 125  # the engines' own code for "could not run the container"
+CONTAINER_STOP_SLACK_S = 5
+
+
+def _container_command(home, job):
+    """(argv, env, (engine binary, container name, env)) of a container job."""
+    job_vars = job_env({}, job["id"], job["gpus"], job.get("env"))
+    argv, env, engine_bin, name = containers.job_command(
+        job, job_vars, home.job(job["id"]).work, home.root, dict(os.environ))
+    return argv, env, (engine_bin, name, env)
+
+
+def _container_stop(container, grace):
+    engine_bin, name, env = container
+    try:
+        subprocess.Popen(containers.stop_argv(engine_bin, name, grace), env=env,
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, close_fds=True)
+    except OSError:
+        pass
+
+
+def _container_kill(state):
+    engine_bin, name, env = state["container"]
+    containers.engine_call(containers.kill_argv(engine_bin, name), env, timeout=10)
+    _killpg(state["child"], signal.SIGKILL)
 
 
 def _durable(home, job_id, reserved):

@@ -92,10 +92,10 @@ def job_env(job_id, extra=None):
 def prepare(home, job):
     """Write a job's command, env0 and empty log into its folder (which holds work/ already).
     job: {"id": N, "command": str, "env": {...}}."""
-    d = home.job_dir(job["id"])
+    d = home.job(job["id"]).dir
     _write_private(os.path.join(d, "command"), job["command"].encode("utf-8"))
     _write_private(os.path.join(d, "env0"), env0(job_env(job["id"], job.get("env"))))
-    fd = os.open(home.log(job["id"]), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    fd = os.open(home.job(job["id"]).log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     os.close(fd)
 
 
@@ -121,12 +121,12 @@ def submit(home, jobs, options, env=None):
         # a new folder per submit (a submit sbatch refused may be tried again with the same jobs)
         arr = tempfile.mkdtemp(prefix="%s-" % first, dir=arrays)
         for i, job in enumerate(jobs):
-            os.symlink(home.job_dir(job["id"]), os.path.join(arr, str(i)))
+            os.symlink(home.job(job["id"]).dir, os.path.join(arr, str(i)))
         spec.update(folder=arr, output=os.path.join(arr, "%a", "log"), chdir=arr,
                     array=len(jobs), name=options.get("name") or "rtrain-%s" % first)
     else:
-        d = home.job_dir(first)
-        spec.update(folder=d, output=home.log(first), chdir=home.work(first), array=None,
+        d = home.job(first).dir
+        spec.update(folder=d, output=home.job(first).log, chdir=home.job(first).work, array=None,
                     name=options.get("name") or "rtrain-%s" % first)
     try:
         argv = slurm.sbatch_argv(spec)
@@ -147,13 +147,13 @@ def submit(home, jobs, options, env=None):
     ids = ["%s_%d" % (base, i) for i in range(len(jobs))] if as_array else [base]
     now = time.time()
     for job, sid in zip(jobs, ids):
-        fsutil.write_json_atomic(os.path.join(home.job_dir(job["id"]), "slurm.json"),
+        fsutil.write_json_atomic(os.path.join(home.job(job["id"]).dir, "slurm.json"),
                                  {"slurm_job_id": sid, "submitted_at": now}, durable=False)
     return ids
 
 
 def slurm_id(home, job_id):
-    rec = fsutil.read_json(os.path.join(home.job_dir(job_id), "slurm.json")) or {}
+    rec = fsutil.read_json(os.path.join(home.job(job_id).dir, "slurm.json")) or {}
     return rec.get("slurm_job_id")
 
 
@@ -226,11 +226,11 @@ def status(home, job_ids, mode="auto", env=None):
     records = query(home, [s for s in sids.values() if s], mode=mode, env=env)
     out = {}
     for j, sid in sids.items():
-        d = home.job_dir(j)
+        d = home.job(j).dir
         out[j] = slurm.job_view(records.get(sid) if sid else None,
                                 fsutil.read_json(os.path.join(d, "exit.json")),
                                 fsutil.read_json(os.path.join(d, "start.json")),
-                                os.path.exists(home.cancel_file(j)))
+                                os.path.exists(home.job(j).cancel))
         if sid and not out[j]["slurm_job_id"]:
             out[j]["slurm_job_id"] = sid
     return out
@@ -252,7 +252,7 @@ def cancel(home, job_ids, env=None):
     it), then one scancel for all. Returns {rtrain id: None, or Slurm's reason it could not}."""
     sids = {}
     for j in job_ids:
-        _write_private(home.cancel_file(j), b"")
+        _write_private(home.job(j).cancel, b"")
         sid = slurm_id(home, j)
         if sid:
             sids[j] = sid
@@ -274,7 +274,7 @@ def gpus(env=None):
 
 
 def read_start(home, job_id):
-    return fsutil.read_json(os.path.join(home.job_dir(job_id), "start.json"))
+    return fsutil.read_json(os.path.join(home.job(job_id).dir, "start.json"))
 
 
 def dump(obj):

@@ -409,10 +409,10 @@ def test_scancel():
 
 def _wrapper_job(tmp_path, command, env=None, job_id=7, array_task=None):
     home = paths.Home(str(tmp_path / "home")).ensure()
-    os.makedirs(home.work(job_id))
+    os.makedirs(home.job(job_id).work)
     slurmjobs.prepare(home, {"id": job_id, "command": command, "env": env or {}})
     wrapper = slurmjobs.ensure_wrapper(home)
-    folder = home.job_dir(job_id)
+    folder = home.job(job_id).dir
     e = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "SLURM_JOB_ID": "41",
          "SLURMD_NODENAME": "gpu-node-3", "CUDA_VISIBLE_DEVICES": "2,3", "SLURM_RESTART_COUNT": "1"}
     if array_task is not None:
@@ -433,11 +433,11 @@ def test_wrapper_runs_the_command_and_records_its_exit(tmp_path):
     home, wrapper, folder, env = _wrapper_job(tmp_path, "printf out; printf err >&2; exit 3")
     p = _run(wrapper, folder, env, tmp_path)
     assert p.returncode == 3 and p.stdout == b"out" and p.stderr == b"err"
-    ex = json.loads(open(home.exit_file(7)).read())
+    ex = json.loads(open(home.job(7).exit).read())
     assert ex["exit_code"] == 3 and ex["signal"] is None and ex["cancelled"] is False
     assert ex["terminated"] is False and ex["node"] == "gpu-node-3" and ex["slurm_job_id"] == "41"
     assert ex["restarts"] == 1 and ex["started_at"] <= ex["ended_at"]
-    st = json.loads(open(os.path.join(home.job_dir(7), "start.json")).read())
+    st = json.loads(open(os.path.join(home.job(7).dir, "start.json")).read())
     assert st["started_at"] == ex["started_at"] and st["node"] == "gpu-node-3"
 
 
@@ -449,7 +449,7 @@ def test_wrapper_stdout_goes_where_slurm_points_it(tmp_path):
                              "env": env_extra})
     p = _run(wrapper, folder, env, tmp_path)
     assert p.returncode == 0
-    assert p.stdout.decode() == "%s|2,3|7|a b'\"$x;|1|PCI_BUS_ID\n" % home.work(7)
+    assert p.stdout.decode() == "%s|2,3|7|a b'\"$x;|1|PCI_BUS_ID\n" % home.job(7).work
     del env["CUDA_VISIBLE_DEVICES"]  # a job without GPUs sees none
     p = _run(wrapper, folder, env, tmp_path)
     assert p.stdout.decode().split("|")[1] == ""
@@ -459,7 +459,7 @@ def test_wrapper_records_a_signal_and_no_shell_notice(tmp_path):
     home, wrapper, folder, env = _wrapper_job(tmp_path, "echo before; kill -9 $$")
     p = _run(wrapper, folder, env, tmp_path)
     assert p.returncode == 137 and p.stdout == b"before\n" and p.stderr == b""
-    ex = json.loads(open(home.exit_file(7)).read())
+    ex = json.loads(open(home.job(7).exit).read())
     assert (ex["exit_code"], ex["signal"]) == (137, "SIGKILL")
 
 
@@ -468,10 +468,10 @@ def test_wrapper_outlives_slurms_sigterm_to_record_a_cancel(tmp_path):
     p = subprocess.Popen(["bash", wrapper, folder], env=env, cwd=str(tmp_path),
                          stdout=subprocess.PIPE, start_new_session=True)
     assert p.stdout.readline() == b"up\n"
-    open(home.cancel_file(7), "w").close()
+    open(home.job(7).cancel, "w").close()
     os.killpg(p.pid, signal.SIGTERM)  # Slurm signals every process of the job
     assert p.wait(10) == 143
-    ex = json.loads(open(home.exit_file(7)).read())
+    ex = json.loads(open(home.job(7).exit).read())
     assert (ex["exit_code"], ex["signal"], ex["cancelled"], ex["terminated"]) == (143, "SIGTERM", True, True)
 
 
@@ -479,24 +479,24 @@ def test_wrapper_of_an_array_task_finds_its_job_through_the_links(tmp_path):
     home, wrapper, folder, env = _wrapper_job(tmp_path, "echo task $RTRAIN_JOB_ID $PWD", job_id=12,
                                               array_task=3)
     p = _run(wrapper, folder, env, tmp_path)
-    assert p.returncode == 0 and p.stdout.decode() == "task 12 %s\n" % home.work(12)
-    ex = json.loads(open(home.exit_file(12)).read())
+    assert p.returncode == 0 and p.stdout.decode() == "task 12 %s\n" % home.job(12).work
+    ex = json.loads(open(home.job(12).exit).read())
     assert ex["slurm_job_id"] == "40_3" and ex["exit_code"] == 0
 
 
 def test_wrapper_removes_the_exit_record_of_a_previous_run(tmp_path):
     home, wrapper, folder, env = _wrapper_job(tmp_path, "cat ../exit.json 2>/dev/null || echo none")
-    open(home.exit_file(7), "w").write('{"exit_code": 143}')
+    open(home.job(7).exit, "w").write('{"exit_code": 143}')
     p = _run(wrapper, folder, env, tmp_path)
     assert p.stdout == b"none\n"
 
 
 def test_wrapper_without_its_work_dir(tmp_path):
     home, wrapper, folder, env = _wrapper_job(tmp_path, "true")
-    os.rmdir(home.work(7))
+    os.rmdir(home.job(7).work)
     p = _run(wrapper, folder, env, tmp_path)
     assert p.returncode == 127 and b"rtrain: cannot start the job" in p.stderr
-    assert json.loads(open(home.exit_file(7)).read())["exit_code"] == 127
+    assert json.loads(open(home.job(7).exit).read())["exit_code"] == 127
 
 
 def test_env0_refuses_names_the_wrapper_cannot_export():
@@ -548,10 +548,10 @@ def test_status_falls_back_to_the_text_format_once(tmp_path):
     home = paths.Home(str(tmp_path / "home")).ensure()
     snap = INDEX["snapshots"]["A"]
     for rid, f in snap.items():
-        os.makedirs(home.job_dir(rid))
+        os.makedirs(home.job(rid).dir)
         for name in ("slurm.json", "exit.json", "start.json"):
             if f[name] is not None:
-                open(os.path.join(home.job_dir(rid), name), "w").write(f[name])
+                open(os.path.join(home.job(rid).dir, name), "w").write(f[name])
     ids = sorted(int(r) for r in snap)
     first = slurmjobs.status(home, ids, env=env)
     assert [c.split(" ", 1)[1].startswith("--json") for c in _calls(bin_dir)] == [True, False]
@@ -569,7 +569,7 @@ def test_a_refused_array_leaves_no_folder_and_no_slurm_id(tmp_path):
     _fake(bin_dir, "sbatch", "cat %s | grep -v '^#' >&2; exit 1\n" % (FIX / "sbatch-bad-partition.txt"))
     home = paths.Home(str(tmp_path / "home")).ensure()
     for i in (1, 2):
-        os.makedirs(home.work(i))
+        os.makedirs(home.job(i).work)
     with pytest.raises(AgentError) as e:
         slurmjobs.submit(home, [{"id": 1, "command": "true"}, {"id": 2, "command": "true"}],
                          {"partition": "nope", "array_limit": 1},
@@ -584,7 +584,7 @@ def test_a_refused_array_leaves_no_folder_and_no_slurm_id(tmp_path):
 
 def test_no_slurm_on_path(tmp_path):
     home = paths.Home(str(tmp_path / "home")).ensure()
-    os.makedirs(home.work(1))
+    os.makedirs(home.job(1).work)
     with pytest.raises(AgentError) as e:
         slurmjobs.submit(home, [{"id": 1, "command": "true"}], {}, env={"PATH": str(tmp_path)})
     assert e.value.code == "no_slurm" and "sbatch is not on PATH" in e.value.message
