@@ -21,6 +21,8 @@ HOST_KEYS = {
     "env": "variables set for every job on this host",
     "lock_dir": "shared sticky directory of GPU lease files (default /run/lock, else /tmp)",
     "nvidia_smi": "nvidia-smi command on the host (default nvidia-smi)",
+    "prune_older_than": "`rtrain prune` removes work dirs of jobs ended longer ago (default 14d)",
+    "prune_keep": "`rtrain prune` keeps the work dirs of this many newest ended jobs (default 0)",
 }
 TOP_KEYS = ("default", "hosts")
 
@@ -42,6 +44,8 @@ class Host:
     env: Tuple[Tuple[str, str], ...] = ()
     lock_dir: Optional[str] = None
     nvidia_smi: Optional[str] = None
+    prune_older_than: Optional[str] = None
+    prune_keep: Optional[int] = None
 
 
 LOCAL = Host(name="local")
@@ -200,6 +204,18 @@ def _host(path, name, line, node):
             if isinstance(v, bool) or not isinstance(v, typ) or v < 0 or (key == "io_timeout" and v == 0):
                 bad(key, what)
             kw[key] = v
+    if "prune_older_than" in data:
+        from .prune import seconds
+        try:
+            seconds(data["prune_older_than"])
+        except Exception:  # noqa: BLE001 - said as this file's error
+            bad("prune_older_than", "an age such as 14d, 12h or 30m")
+        kw["prune_older_than"] = str(data["prune_older_than"])
+    if "prune_keep" in data:
+        if isinstance(data["prune_keep"], bool) or not isinstance(data["prune_keep"], int) or \
+                data["prune_keep"] < 0:
+            bad("prune_keep", "a whole number, 0 or more")
+        kw["prune_keep"] = data["prune_keep"]
     if "accept_new_host_key" in data:
         if not isinstance(data["accept_new_host_key"], bool):
             bad("accept_new_host_key", "true or false")

@@ -165,7 +165,8 @@ class Daemon(Scheduler):
                 if waiting:
                     timeout = 0.2
                     self._listen_for_others()
-                elif any(r is None or r["state"] == "running" for r in rows):
+                elif any(r is None or r["state"] == "running" for r in rows) or \
+                        (self.prep is not None and self.prep.busy()):  # builds: say progress
                     timeout = 1.0
                 else:
                     timeout = 5.0
@@ -255,6 +256,8 @@ class Daemon(Scheduler):
                 if b == pid:
                     del self.builders[job_id]
                     self.built[job_id] = pid
+            if self.prep is not None:
+                self.prep.ended(pid)  # a data tree's or an environment's builder (prepare.py)
 
 
 def _lock_soon(fd, wait_s=5.0):
