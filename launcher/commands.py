@@ -39,6 +39,8 @@ def cmd_submit(args, session_factory):
             confirm_large=lambda info: args.yes or render.confirm_large(info),
             progress=err.progress, events=err.event, project=proj)
         err.done()
+        if job.get("uploaded_files"):
+            err.event("sent", {"files": job["uploaded_files"], "bytes": job["uploaded"]})
         if args.quiet:
             sys.stdout.write(job["id"] + "\n")
         else:

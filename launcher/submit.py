@@ -89,6 +89,7 @@ def submit(session, argv, host=None, gpus=0, name=None, priority=0, retries=0, e
         res = _recover(session, host, req, e, events, sleep)
     job = session.decorate(host, res["job"])
     job["uploaded"] = manifest.get("_uploaded", 0)
+    job["uploaded_files"] = manifest.get("_uploaded_files", 0)
     return job
 
 
@@ -155,7 +156,7 @@ def _upload(root, manifest, hashes, progress, events):
         if progress:
             progress(sent, total)
     manifest["_uploaded"] = manifest.get("_uploaded", 0) + total
-    events("sent", {"files": len(set(hashes)), "bytes": total})
+    manifest["_uploaded_files"] = manifest.get("_uploaded_files", 0) + len(set(hashes))
 
 
 _SEND_BATCH = 256 * 1024
