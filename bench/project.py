@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+from startup import timed  # noqa: E402
 USER = "rtrain-bench"  # the integration tests' teardown kills their users' processes
 
 
@@ -43,15 +45,6 @@ def start_latency(rt, env, src, stamp_dir, extra=()):
             pass
         time.sleep(0.005)
     raise RuntimeError("the job did not start")
-
-
-def timed(argv, env, runs):
-    out = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
-        out.append(time.perf_counter() - t)
-    return statistics.median(out)
 
 
 def main():

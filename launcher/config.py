@@ -98,7 +98,8 @@ def _loader():
     return getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
-def parse(path):
+def compose(path, hint="fix the YAML at that line (hosts.example.yaml shows the format)"):
+    """A YAML file's root node (line numbers kept), or one ConfigError saying where."""
     import yaml
     try:
         with open(path, encoding="utf-8") as f:
@@ -106,13 +107,17 @@ def parse(path):
     except OSError as e:
         raise ConfigError("cannot read %s: %s" % (path, e.strerror))
     try:
-        root = yaml.compose(text, Loader=_loader())
+        return yaml.compose(text, Loader=_loader())
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = "%s:%d:%d" % (path, mark.line + 1, mark.column + 1) if mark else path
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError("%s: YAML syntax error: %s" % (where, problem),
-                          "fix the YAML at that line (hosts.example.yaml shows the format)")
+        raise ConfigError("%s: YAML syntax error: %s" % (where, problem), hint)
+
+
+def parse(path):
+    import yaml
+    root = compose(path)
     # `local` (this machine) is a host only where the file lists it (`local:` alone will do),
     # so a file that names only towers never asks this machine anything
     hosts = {}

@@ -98,20 +98,9 @@ def _default_name(root):
 def parse(path, root=None):
     import yaml
 
-    from .config import _loader
+    from .config import _loader, compose
     root = os.path.abspath(root or os.path.dirname(path))
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as e:
-        raise ConfigError("cannot read %s: %s" % (path, e.strerror))
-    try:
-        node = yaml.compose(text, Loader=_loader())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = "%s:%d" % (path, mark.line + 1) if mark else path
-        raise ConfigError("%s: YAML syntax error: %s" % (where, getattr(e, "problem", None) or e),
-                          "fix the YAML at that line (`rtrain init` writes a commented example)")
+    node = compose(path, "fix the YAML at that line (`rtrain init` writes a commented example)")
     if node is None:
         return Project(path=path, root=root, project=_default_name(root))
     if not isinstance(node, yaml.MappingNode):

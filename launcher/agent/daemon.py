@@ -263,15 +263,7 @@ class Daemon(Scheduler):
 def _lock_soon(fd, wait_s=5.0):
     """Take the daemon lock; wait a little for it: a daemon that is exiting (it stopped reading
     its FIFO, which is why we were started) lets go of it in milliseconds."""
-    deadline = time.monotonic() + wait_s
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-        except OSError:
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.05)
+    return fsutil.flock_within(fd, wait_s)
 
 
 class _NotQueued(Exception):

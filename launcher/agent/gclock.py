@@ -4,7 +4,8 @@ has until its job is committed (the agent process ends then, and the kernel lets
 deleted under it. Standard library only, Python >= 3.8."""
 import fcntl
 import os
-import time
+
+from . import fsutil
 
 _held = []  # this process's shared hold, kept until it exits
 
@@ -25,13 +26,7 @@ def hold_shared(home):
 def exclusive(home, wait_s=30.0):
     """An fd holding the lock exclusively (close it to let go), or None after wait_s."""
     fd = _open(home)
-    deadline = time.monotonic() + wait_s
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return fd
-        except OSError:
-            if time.monotonic() > deadline:
-                os.close(fd)
-                return None
-            time.sleep(0.1)
+    if fsutil.flock_within(fd, wait_s):
+        return fd
+    os.close(fd)
+    return None
