@@ -64,6 +64,20 @@ class Builds:
         """(pid, started at) of this daemon's build of key, or None."""
         return self.running.get((kind, key))
 
+    def locked(self, kind, key):
+        """True while some process (a builder left by an earlier daemon) holds key's lock."""
+        try:
+            fd = os.open(self.path(kind, key) + ".lock", os.O_RDWR | os.O_CLOEXEC)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return False
+        except OSError:
+            return True
+        finally:
+            os.close(fd)
+
     def tail(self, kind, key, n=TAIL_LINES):
         return tail_of(self.log_path(kind, key), n)
 

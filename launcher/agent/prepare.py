@@ -56,7 +56,7 @@ class Prep:
             try:
                 self.plans[job_id] = envbuild.plan(rec.get("env"), env, shell)
             except envbuild.EnvError as e:
-                self._fail(row, "its environment: %s" % e, "")
+                self._fail(row, "its environment: %s" % e, "", "cannot prepare")
                 return False
         plan = self.plans[job_id]
         activate = plan["activate"]
@@ -114,6 +114,11 @@ class Prep:
                 append_log(self.home, job_id, "rtrain: environment %s is built already: using it\n" % key)
             return True
         running = self.builds.building(kind, key)
+        if running is None and self.builds.locked(kind, key):
+            # built by a child of an earlier daemon (it outlived it): wait for it
+            seen.add((kind, key))
+            self._say(row, "building %s (by an earlier daemon's builder)" % what)
+            return False
         if running is None:
             failed = self.builds.failed(kind, key)
             if failed is not None and failed.get("at", 0) >= row["submitted_at"]:
@@ -140,7 +145,8 @@ class Prep:
     def ended(self, pid):
         """A child of the daemon ended; if it was a builder that published nothing, count it."""
         k = self.builds.ended(pid)
-        if k is not None and self.builds.ready(*k) is None and self.builds.failed(*k) is None:
+        if k is not None and self.builds.ready(*k) is None and self.builds.failed(*k) is None \
+                and not self.builds.locked(*k):
             self.deaths[k] = self.deaths.get(k, 0) + 1
 
     def busy(self):
@@ -158,9 +164,9 @@ class Prep:
         if row["message"] != message:
             self.con.execute("UPDATE jobs SET message=? WHERE id=? AND state='queued'", (message, row["id"]))
 
-    def _fail(self, row, why, tail):
+    def _fail(self, row, why, tail, what="cannot build"):
         """Fail a queued job whose environment or data cannot be made."""
-        line = "cannot build %s" % why
+        line = "%s %s" % (what, why)
         lines = [x for x in tail.splitlines() if x.strip() and not x.startswith("rtrain:")]
         if lines:
             line += " (%s)" % lines[-1].strip()[:200]
