@@ -32,17 +32,23 @@ class Prep:
         if self.done.get(row["id"]) == row["attempts"]:
             return workdir_ready(row)  # prepared in an earlier pass: it waits for GPUs
         rec = jobproject.read(self.home, row["id"])
-        if not rec:
-            return workdir_ready(row)
+        if not rec:  # no project file: its work dir is all it needs
+            if not workdir_ready(row):
+                return False
+            self._prepared(row)
+            return True
         key = rec.get("data_key")
         if key and not self._have(row, "data", key, lambda: self._data_build(row), "its data"):
             return False
         if not workdir_ready(row) or not self._environment(row, rec):
             return False
+        self._prepared(row)
+        return True
+
+    def _prepared(self, row):
         if len(self.done) > 10000:
             self.done.clear()
         self.done[row["id"]] = row["attempts"]
-        return True
 
     # ------------------------------------------------------------------ environment
 
