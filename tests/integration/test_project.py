@@ -290,3 +290,26 @@ def test_prune_keeps_what_queued_and_running_jobs_use(tower):
     tower.rt("cancel", running)
     assert tower.wait(queued)["state"] == "succeeded", tower.log(queued)
     assert tower.log(queued).endswith("payload\none\n")
+
+
+def test_python_mounts_and_a_named_venv_per_host(tower):
+    (tower.shared / "hostdata").mkdir()
+    (tower.shared / "hostdata" / "f.txt").write_text("on the host")
+    subprocess.run(["/usr/bin/python3", "-m", "venv", "--without-pip", str(tower.shared / "venv")], check=True)
+    for d in ("hostdata", "venv"):
+        subprocess.run(["chmod", "-R", "a+rX", str(tower.shared / d)], check=True)
+    run = "run: python -c \"import sys; print(sys.prefix); print(open('data/host/f.txt').read())\"\n"
+    tower.project("python: python3\nmounts:\n  data/host: %s\n%s" % (tower.shared / "hostdata", run))
+    j1, _, _ = tower.submit()  # Debian has no `python`: the project's python3 is the job's python
+    assert tower.wait(j1)["state"] == "succeeded", tower.log(j1)
+    assert tower.log(j1).endswith("/usr\non the host\n")
+    with open(tower.src / "rtrain.yaml", "a") as f:
+        f.write("hosts:\n  tower:\n    venv: %s\n" % (tower.shared / "venv"))
+    j2, _, _ = tower.submit()
+    assert tower.wait(j2)["state"] == "succeeded", tower.log(j2)
+    assert tower.log(j2) == "%s\non the host\n" % (tower.shared / "venv")
+    with open(tower.src / "rtrain.yaml", "a") as f:
+        f.write("    mounts:\n      data/host: /nonexistent/rtrain\n")
+    j3, _, _ = tower.submit()
+    j = tower.wait(j3)
+    assert j["state"] == "failed" and "/nonexistent/rtrain does not exist on this host" in j["message"]
