@@ -56,14 +56,16 @@ def gpus(session, host=None):
     return hostsmod.parallel(ask, names)
 
 
-def pull(session, ref, paths=(), dest=None, progress=None):
-    """Copy files a job wrote to dest (default ./rtrain-out/JOB/). Returns [(path, size)].
-    progress(path, done, total) is called as bytes arrive."""
+def pull(session, ref, paths=(), dest=None, progress=None, pycache=False):
+    """Copy files a job wrote to dest (default ./rtrain-out/JOB/, which sync never sends:
+    selection.PULL_DIR). Returns [(path, size)]. progress(path, done, total) is called as
+    bytes arrive. __pycache__ folders come only with pycache=True."""
     import base64
     host, n, job = session.find(ref)
     client = session.client(host)
-    listing = client.call("outputs", {"id": n, "paths": list(paths)})
-    dest = os.path.abspath(dest or os.path.join("rtrain-out", job["id"].replace(":", "-")))
+    listing = client.call("outputs", {"id": n, "paths": list(paths), "pycache": bool(pycache)})
+    from .selection import PULL_DIR
+    dest = os.path.abspath(dest or os.path.join(PULL_DIR, job["id"].replace(":", "-")))
     got = []
     for f in listing["files"]:
         target = os.path.join(dest, f["path"])

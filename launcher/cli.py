@@ -39,7 +39,8 @@ def build_parser():
                                    "what the host lacks, and queue CMD there.")
     s.add_argument("--host", help="host from hosts.yaml (default: the default host, else the one "
                                   "where the job starts soonest)")
-    s.add_argument("--gpus", type=int, default=0, metavar="N", help="GPUs the job needs (default 0)")
+    s.add_argument("--gpus", type=int, default=None, metavar="N",
+                   help="GPUs the job needs (default: rtrain.yaml's gpus, else 0)")
     s.add_argument("--name", help="a name for the job (default: the script's name)")
     s.add_argument("--priority", type=int, default=0, help="higher runs first (default 0)")
     s.add_argument("--retries", type=int, default=0, metavar="N",
@@ -51,7 +52,8 @@ def build_parser():
     s.add_argument("-q", "--quiet", action="store_true", help="print the job id alone")
     s.add_argument("-y", "--yes", action="store_true", help="send a large tree without asking")
     s.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]",
-                   help="the command; a single argument is run by the shell as written")
+                   help="the command; a single argument is run by the shell as written "
+                        "(default: rtrain.yaml's run)")
 
     st = verb("status", help="list jobs, or show one job")
     st.add_argument("job", nargs="?", help="a job id (12 or host:12)")
@@ -77,7 +79,24 @@ def build_parser():
     pl.add_argument("job")
     pl.add_argument("paths", nargs="*", metavar="PATH",
                     help="files or folders in the job's work dir (default: all it wrote)")
-    pl.add_argument("-o", "--output", metavar="DIR", help="where to put them (default ./rtrain-out/JOB)")
+    pl.add_argument("-o", "--output", metavar="DIR",
+                    help="where to put them (default ./rtrain-out/JOB, which submit never sends)")
+    pl.add_argument("--pycache", action="store_true", help="bring __pycache__ folders too")
+
+    i = verb("init", help="write a commented rtrain.yaml (the project file) here")
+    i.add_argument("-C", "--dir", default=".", help="the project's root (default: .)")
+    i.add_argument("--force", action="store_true", help="replace an existing rtrain.yaml")
+
+    pr = verb("prune", help="free space on the hosts: old jobs' work dirs, unused environments "
+                            "and data, unreferenced files")
+    pr.add_argument("--host", help="only this host")
+    pr.add_argument("--older-than", metavar="AGE",
+                    help="remove the work dirs of jobs that ended longer ago than this: 14d, 12h, "
+                         "30m (default: the host's prune_older_than, else 14d)")
+    pr.add_argument("--keep", type=int, metavar="N",
+                    help="always keep the N newest ended jobs' work dirs (default: the host's "
+                         "prune_keep, else 10)")
+    pr.add_argument("-n", "--dry-run", action="store_true", help="say what would go, remove nothing")
 
     h = verb("hosts", help="check each host: ssh, python, agent, nvidia-smi, disk")
     h.add_argument("host", nargs="?")

@@ -20,20 +20,27 @@ def _parse_env(pairs):
 
 
 def cmd_submit(args, session_factory):
-    from . import render, submit
+    from . import project, render, submit
+    proj = project.load(args.dir)  # rtrain.yaml: the defaults; the command line wins
     cmd = list(args.command)
     if cmd and cmd[0] == "--":
         cmd = cmd[1:]
+    if not cmd and proj.run:
+        cmd = list(proj.run)
     if not cmd:
-        raise RtrainError("no command to run", "put it after `--`: rtrain submit -- python3 train.py")
+        raise RtrainError("no command to run", "put it after `--`: rtrain submit -- python3 train.py "
+                          "(or set `run:` in rtrain.yaml)")
+    gpus = args.gpus if args.gpus is not None else (proj.gpus or 0)
     err = render.Stderr(quiet=args.quiet)
     with session_factory(args) as s:
         job = submit.submit(
-            s, cmd, host=args.host, gpus=args.gpus, name=args.name, priority=args.priority,
+            s, cmd, host=args.host or proj.host, gpus=gpus, name=args.name, priority=args.priority,
             retries=args.retries, env=_parse_env(args.env), root=args.dir,
             confirm_large=lambda info: args.yes or render.confirm_large(info),
-            progress=err.progress, events=err.event)
+            progress=err.progress, events=err.event, project=proj)
         err.done()
+        if job.get("uploaded_files"):
+            err.event("sent", {"files": job["uploaded_files"], "bytes": job["uploaded"]})
         if args.quiet:
             sys.stdout.write(job["id"] + "\n")
         else:
@@ -166,7 +173,8 @@ def cmd_pull(args, session_factory):
     bar = render.FileProgress()
     with session_factory(args) as s:
         try:
-            res = app.pull(s, args.job, args.paths, dest=args.output, progress=bar.update)
+            res = app.pull(s, args.job, args.paths, dest=args.output, progress=bar.update,
+                           pycache=args.pycache)
         finally:
             bar.done()
     total = sum(n for _, n in res["files"])
@@ -183,5 +191,22 @@ def cmd_hosts(args, session_factory):
     return 0 if all(c["ok"] is not False for _, checks in results for c in checks) else 1
 
 
+def cmd_init(args, session_factory):
+    from . import project
+    path = project.write_starter(args.dir, force=args.force)
+    print("wrote %s: edit it, then `rtrain submit`" % os.path.relpath(path))
+    return 0
+
+
+def cmd_prune(args, session_factory):
+    from . import prune, render
+    with session_factory(args) as s:
+        results = prune.prune(s, host=args.host, older_than=args.older_than, keep=args.keep,
+                              dry_run=args.dry_run)
+    render.pruned(results, args.dry_run)
+    return 0 if all(err is None for _, _, err in results) else 1
+
+
 HANDLERS = {"submit": cmd_submit, "status": cmd_status, "logs": cmd_logs, "cancel": cmd_cancel,
-            "pull": cmd_pull, "hosts": cmd_hosts, "gpus": cmd_gpus}
+            "pull": cmd_pull, "hosts": cmd_hosts, "gpus": cmd_gpus, "init": cmd_init,
+            "prune": cmd_prune}

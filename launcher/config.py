@@ -21,6 +21,8 @@ HOST_KEYS = {
     "env": "variables set for every job on this host",
     "lock_dir": "shared sticky directory of GPU lease files (default /run/lock, else /tmp)",
     "nvidia_smi": "nvidia-smi command on the host (default nvidia-smi)",
+    "prune_older_than": "`rtrain prune` removes work dirs of jobs ended longer ago (default 14d)",
+    "prune_keep": "`rtrain prune` keeps the work dirs of this many newest ended jobs (default 0)",
 }
 TOP_KEYS = ("default", "hosts")
 
@@ -42,6 +44,8 @@ class Host:
     env: Tuple[Tuple[str, str], ...] = ()
     lock_dir: Optional[str] = None
     nvidia_smi: Optional[str] = None
+    prune_older_than: Optional[str] = None
+    prune_keep: Optional[int] = None
 
 
 LOCAL = Host(name="local")
@@ -94,7 +98,8 @@ def _loader():
     return getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
-def parse(path):
+def compose(path, hint="fix the YAML at that line (hosts.example.yaml shows the format)"):
+    """A YAML file's root node (line numbers kept), or one ConfigError saying where."""
     import yaml
     try:
         with open(path, encoding="utf-8") as f:
@@ -102,13 +107,17 @@ def parse(path):
     except OSError as e:
         raise ConfigError("cannot read %s: %s" % (path, e.strerror))
     try:
-        root = yaml.compose(text, Loader=_loader())
+        return yaml.compose(text, Loader=_loader())
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = "%s:%d:%d" % (path, mark.line + 1, mark.column + 1) if mark else path
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError("%s: YAML syntax error: %s" % (where, problem),
-                          "fix the YAML at that line (hosts.example.yaml shows the format)")
+        raise ConfigError("%s: YAML syntax error: %s" % (where, problem), hint)
+
+
+def parse(path):
+    import yaml
+    root = compose(path)
     # `local` (this machine) is a host only where the file lists it (`local:` alone will do),
     # so a file that names only towers never asks this machine anything
     hosts = {}
@@ -200,6 +209,18 @@ def _host(path, name, line, node):
             if isinstance(v, bool) or not isinstance(v, typ) or v < 0 or (key == "io_timeout" and v == 0):
                 bad(key, what)
             kw[key] = v
+    if "prune_older_than" in data:
+        from .prune import seconds
+        try:
+            seconds(data["prune_older_than"])
+        except Exception:  # noqa: BLE001 - said as this file's error
+            bad("prune_older_than", "an age such as 14d, 12h or 30m")
+        kw["prune_older_than"] = str(data["prune_older_than"])
+    if "prune_keep" in data:
+        if isinstance(data["prune_keep"], bool) or not isinstance(data["prune_keep"], int) or \
+                data["prune_keep"] < 0:
+            bad("prune_keep", "a whole number, 0 or more")
+        kw["prune_keep"] = data["prune_keep"]
     if "accept_new_host_key" in data:
         if not isinstance(data["accept_new_host_key"], bool):
             bad("accept_new_host_key", "true or false")

@@ -200,6 +200,9 @@ class Stderr:
             sys.stderr.write("rtrain: placing the job on %s\n" % detail)
         elif kind == "upload":
             self.t0 = time.monotonic()
+        elif kind == "sent" and not self.quiet:
+            self.done()
+            sys.stderr.write("rtrain: sent %d file(s), %.1f MB\n" % (detail["files"], detail["bytes"] / 1e6))
         elif kind == "retry":
             self.done()
             err = detail["error"]
@@ -261,3 +264,22 @@ class FileProgress:
     def done(self):
         if self.bar is not None:
             self.bar.stop()
+
+
+def pruned(results, dry_run):
+    """One line per host: what prune removed (or would remove) and the space it frees."""
+    verb = "would free" if dry_run else "freed"
+    for host, res, err in results:
+        if err is not None:
+            error("%s: %s" % (host, err.message), err.hint)
+            continue
+        env_b = sum(b for _, b in res["envs"])
+        data_b = sum(b for _, b in res["data"])
+        blobs = res["blobs"]
+        total = res["work_bytes"] + env_b + data_b + blobs["bytes"]
+        print("%s: %s %.1f MB: work dirs of %d job(s) (%.1f MB), %d environment(s) (%.1f MB), "
+              "%d data tree(s) (%.1f MB), %d stored file(s) no job uses (%.1f MB)%s" % (
+                  host, verb, total / 1e6, len(res["jobs"]), res["work_bytes"] / 1e6,
+                  len(res["envs"]), env_b / 1e6, len(res["data"]), data_b / 1e6, blobs["count"],
+                  blobs["bytes"] / 1e6, "; store skipped: %s" % blobs["skipped"]
+                  if blobs.get("skipped") else ""))

@@ -2,7 +2,7 @@
 function, which takes a Context (context.py) and returns the reply's result."""
 import sys
 
-from . import files, gpus, hello, logs, status, submit
+from . import files, gpus, hello, logs, prune, status, submit
 
 
 def daemon(ctx):
@@ -15,5 +15,5 @@ def daemon(ctx):
 VERBS = {
     "hello": hello.hello, "gpus": gpus.gpus_verb, "submit": submit.submit, "status": status.status,
     "cancel": status.cancel, "logs": logs.logs, "outputs": files.outputs, "read": files.read,
-    "daemon": daemon,
+    "daemon": daemon, "prune": prune.prune,
 }

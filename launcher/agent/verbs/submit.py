@@ -10,7 +10,7 @@ import os
 import shutil
 import uuid as uuidlib
 
-from .. import db, fsutil, gpus, inventory, paths, store
+from .. import db, fsutil, gclock, gpus, inventory, jobproject, paths, store
 from ..manifest import ManifestError, check_entries
 from ..protocol import AgentError
 
@@ -27,11 +27,15 @@ def submit(ctx):
     if req.get("lookup"):
         raise AgentError("not_queued", "no job was queued for this submit")
     spec = _check_request(ctx)
+    gclock.hold_shared(ctx.home)  # prune deletes no blob this submit counts on (gclock.py)
     entries, size = _receive_snapshot(ctx)
+    # data (shared read-only per content, not copied per job) and the project file's part
+    data = (req.get("manifest") or {}).get("data") or []
+    project = jobproject.check(req.get("project"), data)
     home = ctx.home
     _check_room(home, size, len(entries))
     _sweep_tmp(home)
-    tmp = _job_folder(home, entries, req.get("env") or {})
+    tmp = _job_folder(home, entries, req.get("env") or {}, data, project)
     spec["files"] = len(entries)
     spec["bytes"] = sum(int(e.get("size") or 0) for e in entries)
     job_id = _commit(ctx, spec, token, tmp)
@@ -84,11 +88,16 @@ def _receive_snapshot(ctx):
     the reply, so a client that went away (connection cut) shows as EOF there."""
     req = ctx.req
     entries = (req.get("manifest") or {}).get("entries") or []
+    data = (req.get("manifest") or {}).get("data") or []
     st = store.Store(ctx.home.store)
     upload = bool(req.get("upload"))
     try:
+        if not isinstance(data, list):
+            raise ManifestError("the manifest's data must be a list of entries")
         size = check_entries(entries)
-        lacking = st.missing(sorted({e["hash"] for e in entries if e.get("type", "file") == "file"}))
+        check_entries(entries + data)  # data paths apart from the code's
+        lacking = st.missing(sorted({e["hash"] for e in entries + data
+                                     if e.get("type", "file") == "file"}))
     except (ManifestError, store.StoreError) as e:
         raise AgentError("bad_manifest", str(e))
     if lacking and upload:
@@ -104,7 +113,7 @@ def _receive_snapshot(ctx):
     return entries, size
 
 
-def _job_folder(home, entries, env):
+def _job_folder(home, entries, env, data=(), project=None):
     """The job's folder, complete, in tmp/: its manifest, an empty log, its env (values may be
     secrets: a 0600 file, never the job database). The daemon builds its work dir (the
     snapshot's private copies) before it starts it (workdirs.py)."""
@@ -112,7 +121,9 @@ def _job_folder(home, entries, env):
     try:
         os.mkdir(tmp, 0o700)
         job = paths.JobPaths(tmp)
-        _write_manifest(job.manifest, entries)
+        _write_manifest(job.manifest, entries, data)
+        if project is not None:
+            fsutil.write_json_atomic(os.path.join(tmp, "project.json"), project)
         open(job.log, "ab").close()
         os.chmod(job.log, 0o600)
         fd = os.open(job.env, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -159,9 +170,12 @@ def _check_room(home, size, files):
                          "host in hosts.yaml to a larger disk" % home.root)
 
 
-def _write_manifest(path, entries):
+def _write_manifest(path, entries, data_entries=()):
     # the C encoder in one go (json.dump to a file streams through the pure-Python one)
-    data = json.dumps({"entries": entries}, separators=(",", ":"))
+    body = {"entries": entries}
+    if data_entries:
+        body["data"] = list(data_entries)
+    data = json.dumps(body, separators=(",", ":"))
     with open(path, "w") as f:
         f.write(data)
         f.flush()
