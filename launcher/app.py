@@ -84,3 +84,17 @@ def pull(session, ref, paths=(), dest=None, progress=None):
         os.replace(tmp, target)
         got.append((f["path"], done))
     return {"job": job, "dest": dest, "files": got}
+
+
+def autostop(session, host, change=None):
+    """The host's autostop (agent/monitor.py summary()); `change` ({"cancel": True} or {"idle",
+    "command"}) changes it until autostop: in hosts.yaml changes."""
+    h = session.cfg.get(host)
+    if change and change.get("idle") is not None:
+        from .agent.autostop import AutostopError, seconds
+        try:
+            change["idle"] = seconds(change["idle"], "--idle")
+        except AutostopError as e:
+            raise RtrainError(str(e), "e.g. rtrain autostop %s --idle 30m" % host)
+    c = session.client(host)
+    return c.call("autostop", {"settings": c.settings(), "autostop": h.autostop, "change": change})

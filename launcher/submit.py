@@ -60,7 +60,10 @@ def submit(session, argv, host=None, gpus=0, name=None, priority=0, retries=0, e
            "command": command, "gpus": int(gpus), "name": name, "priority": int(priority),
            "retries": int(retries), "env": dict(dict(getattr(h, "env", ()) or ()), **dict(env or {})),
            "token": uuid.uuid4().hex, "upload": True,
-           "settings": client.settings()}
+           "settings": client.settings(), "autostop": h.autostop,
+           "notify": dict(h.notify, host=host) if h.notify else None,
+           "stall": None if h.stall_after is None else {
+               "after": h.stall_after, "util_busy": h.gpu_util_busy, "action": h.on_stall}}
 
     def respond(frame):
         if "missing" not in frame:

@@ -165,10 +165,11 @@ class Daemon(Scheduler):
                 if waiting:
                     timeout = 0.2
                     self._listen_for_others()
-                elif any(r is None or r["state"] == "running" for r in rows):
-                    timeout = 1.0
                 else:
-                    timeout = 5.0
+                    # the wake FIFO in the shared lease dir says "a daemon waits for GPUs" (the
+                    # monitor's autostop reads it): it is there only while one does
+                    self._stop_listening()
+                    timeout = 1.0 if any(r is None or r["state"] == "running" for r in rows) else 5.0
                 fds = [rfd] + ([self.waiter[0]] if self.waiter else [])
                 ready, _, _ = select.select(fds, [], [], timeout)
                 for fd in ready:
