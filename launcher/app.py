@@ -34,7 +34,21 @@ def status(session, host=None, states=None, show_all=False, limit=None):
 
 
 def job(session, ref):
-    return session.find(ref)[2]
+    """One job, with its GPU-hours and, where the host has price_per_gpu_hour, its cost."""
+    job = session.find(ref)[2]
+    job["gpu_hours"] = gpu_hours(job)
+    price = session.cfg.get(job["host"]).price_per_gpu_hour
+    job["cost"] = None if price is None else round(job["gpu_hours"] * price, 2)
+    return job
+
+
+def gpu_hours(job, now=None):
+    """GPUs held times the hours they were held (until now for a running job)."""
+    start = job.get("started_at")
+    if not start:
+        return 0.0
+    end = job.get("ended_at") or (now or time.time())
+    return len(job.get("gpus") or ()) * max(0.0, end - start) / 3600.0
 
 
 def cancel(session, ref):
