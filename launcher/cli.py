@@ -49,6 +49,8 @@ def build_parser():
     s.add_argument("-C", "--dir", default=".", help="directory to sync (default: .)")
     s.add_argument("-f", "--follow", action="store_true",
                    help="stream the log, exit with the job's exit code")
+    s.add_argument("--notify", action="store_true",
+                   help="with --follow: a desktop notification when the job ends")
     s.add_argument("-q", "--quiet", action="store_true", help="print the job id alone")
     s.add_argument("-y", "--yes", action="store_true", help="send a large tree without asking")
     s.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]",
@@ -71,6 +73,8 @@ def build_parser():
     lg.add_argument("-f", "--follow", action="store_true",
                     help="stream until the job ends; exit with its exit code; Ctrl-C detaches")
     lg.add_argument("-n", "--tail", type=int, metavar="N", help="start N lines from the end")
+    lg.add_argument("--notify", action="store_true",
+                    help="with -f: a desktop notification when the job ends")
 
     c = verb("cancel", help="cancel a queued or running job")
     c.add_argument("jobs", nargs="+", metavar="JOB")
@@ -100,6 +104,15 @@ def build_parser():
 
     h = verb("hosts", help="check each host: ssh, python, agent, nvidia-smi, disk")
     h.add_argument("host", nargs="?")
+
+    a = verb("autostop", help="see or change when an idle host stops itself (a cloud VM)",
+             description="What the host's autostop will do and when; or change it until autostop: in "
+                         "hosts.yaml changes. Idle means no rtrain job queued or running, no busy GPU, "
+                         "no terminal in use (README: Cloud VMs).")
+    a.add_argument("host", help="host from hosts.yaml")
+    a.add_argument("--idle", metavar="DURATION", help="stop after this long idle (45s, 30m, 2h)")
+    a.add_argument("--command", help="the command that stops the host (default: hosts.yaml's)")
+    a.add_argument("--cancel", action="store_true", help="turn autostop off on this host")
 
     g = verb("gpus", help="GPUs of every host: free, busy or unknown, and who holds them")
     g.add_argument("--host")

@@ -47,7 +47,7 @@ def cmd_submit(args, session_factory):
             render.submitted(job)
         sys.stdout.flush()
         if args.follow:
-            return _follow(s, job["id"], None, quiet=args.quiet)
+            return _follow(s, job["id"], None, quiet=args.quiet, desktop=args.notify)
     return 0
 
 
@@ -81,10 +81,10 @@ def cmd_status(args, session_factory):
 
 def cmd_logs(args, session_factory):
     with session_factory(args) as s:
-        return _follow(s, args.job, args.tail, follow=args.follow)
+        return _follow(s, args.job, args.tail, follow=args.follow, desktop=args.notify)
 
 
-def _follow(session, ref, tail, follow=True, quiet=False):
+def _follow(session, ref, tail, follow=True, quiet=False, desktop=False):
     """Print a job's log as it comes, byte for byte. Following, return the job's exit code when
     it ends (1 when it has none: lost, or killed by a signal it reports none for), 130 on Ctrl-C
     (the job goes on)."""
@@ -108,6 +108,9 @@ def _follow(session, ref, tail, follow=True, quiet=False):
                 fin = ev[1]
                 if not follow:
                     return 0
+                if desktop:
+                    from . import desktop as desk
+                    desk.notify(fin)
                 if not quiet and fin["state"] != "succeeded":
                     sys.stderr.write("rtrain: job %s %s%s\n" % (
                         fin["id"], fin["state"],
@@ -207,6 +210,19 @@ def cmd_prune(args, session_factory):
     return 0 if all(err is None for _, _, err in results) else 1
 
 
+def cmd_autostop(args, session_factory):
+    from . import app, doctor, render
+    change = None
+    if args.cancel:
+        change = {"cancel": True}
+    elif args.idle or args.command:
+        change = {"idle": args.idle, "command": args.command}
+    with session_factory(args) as s:
+        summary = app.autostop(s, args.host, change)
+    render.doctor([(args.host, [doctor.autostop_check(summary)])])
+    return 0
+
+
 HANDLERS = {"submit": cmd_submit, "status": cmd_status, "logs": cmd_logs, "cancel": cmd_cancel,
             "pull": cmd_pull, "hosts": cmd_hosts, "gpus": cmd_gpus, "init": cmd_init,
-            "prune": cmd_prune}
+            "prune": cmd_prune, "autostop": cmd_autostop}

@@ -23,6 +23,15 @@ HOST_KEYS = {
     "nvidia_smi": "nvidia-smi command on the host (default nvidia-smi)",
     "prune_older_than": "`rtrain prune` removes work dirs of jobs ended longer ago (default 14d)",
     "prune_keep": "`rtrain prune` keeps the work dirs of this many newest ended jobs (default 0)",
+    "autostop": "stop an idle host: {idle: 30m, command: 'sudo shutdown -h now', gpu_util_busy: 5, "
+                "sessions: true, warn: 5m}",
+    "notify": "a webhook told when jobs end or stall: {url: ..., format: json|slack|discord|ntfy, "
+              "on: [failed, succeeded, stalled]}",
+    "stall_after": "mark a running job whose GPUs stay idle this long (e.g. 30m; default: off)",
+    "on_stall": "what to do with a stalled job besides saying so: notify (default) or cancel",
+    "gpu_util_busy": "a GPU at or below this utilization (percent) counts as idle (default 5)",
+    "price_per_gpu_hour": "what one GPU-hour costs on this host (status and usage show costs)",
+    "compare_price": "a GPU-hour's price elsewhere (a cloud's), that usage compares with",
 }
 TOP_KEYS = ("default", "hosts")
 
@@ -46,6 +55,13 @@ class Host:
     nvidia_smi: Optional[str] = None
     prune_older_than: Optional[str] = None
     prune_keep: Optional[int] = None
+    autostop: Optional[dict] = field(default=None, hash=False)   # checked by agent/autostop.py
+    notify: Optional[dict] = field(default=None, hash=False)     # checked by agent/notify.py
+    stall_after: Optional[float] = None
+    on_stall: str = "notify"
+    gpu_util_busy: float = 5
+    price_per_gpu_hour: Optional[float] = None
+    compare_price: Optional[float] = None
 
 
 LOCAL = Host(name="local")
@@ -230,4 +246,32 @@ def _host(path, name, line, node):
         if not isinstance(e, dict) or not all(isinstance(k, str) for k in e):
             bad("env", "a mapping of NAME: value")
         kw["env"] = tuple((k, "" if v is None else str(v)) for k, v in e.items())
+    _watch_keys(data, bad, kw)
     return Host(**kw)
+
+
+def _watch_keys(data, bad, kw):
+    """autostop, notify, stall_after, on_stall, gpu_util_busy, prices: checked by the agent's own
+    rules (agent/autostop.py, agent/notify.py), so the laptop refuses what the host would."""
+    from .agent import autostop, notify
+    for key, check in (("autostop", autostop.check), ("notify", notify.check)):
+        if key in data:
+            try:
+                kw[key] = check(data[key])
+            except ValueError as e:
+                bad(key, "valid (%s)" % e)
+    if "stall_after" in data:
+        try:
+            kw["stall_after"] = autostop.seconds(data["stall_after"], "stall_after")
+        except ValueError:
+            bad("stall_after", "a duration like 30m or 2h")
+    if "on_stall" in data:
+        if data["on_stall"] not in ("notify", "cancel"):
+            bad("on_stall", "notify or cancel")
+        kw["on_stall"] = data["on_stall"]
+    for key, top in (("gpu_util_busy", 100), ("price_per_gpu_hour", None), ("compare_price", None)):
+        if key in data:
+            v = data[key]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (top and v > top):
+                bad(key, "a number from 0 to 100" if top else "a number >= 0")
+            kw[key] = v

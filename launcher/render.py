@@ -5,7 +5,8 @@ import time
 
 JOB_JSON_KEYS = ("id", "host", "name", "state", "gpus", "exit_code", "signal", "submitted_at",
                  "started_at", "ended_at", "command", "priority", "retries", "attempts",
-                 "git_commit", "git_dirty", "log", "work_dir", "message", "gpus_requested")
+                 "git_commit", "git_dirty", "log", "work_dir", "message", "gpus_requested",
+                 "gpu_hours", "cost")
 
 STATE_STYLE = {"queued": "yellow", "running": "cyan", "succeeded": "green", "failed": "red",
                "cancelled": "magenta", "lost": "red"}
@@ -113,6 +114,8 @@ def job_detail(job):
         ("exit code", "-" if job["exit_code"] is None else "%s%s" % (
             job["exit_code"], " (%s)" % job["signal"] if job.get("signal") else "")),
         ("attempts", "%s of %s" % (job.get("attempts", 0), job.get("retries", 0) + 1)),
+        ("gpu-hours", "%.2f%s" % (job.get("gpu_hours") or 0, "" if job.get("cost") is None else
+                                  ", cost %.2f" % job["cost"])),
         ("log", job.get("log") or "-"), ("work dir", job.get("work_dir") or "-"),
     ]
     w = max(len(k) for k, _ in rows)

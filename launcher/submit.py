@@ -67,7 +67,10 @@ def submit(session, argv, host=None, gpus=0, name=None, priority=0, retries=0, e
            "retries": int(retries),
            "env": dict(dict(getattr(h, "env", ()) or ()), **dict(proj.env, **dict(env or {}))),
            "token": uuid.uuid4().hex, "upload": True,
-           "settings": client.settings()}
+           "settings": client.settings(), "autostop": h.autostop,
+           "notify": dict(h.notify, host=host) if h.notify else None,
+           "stall": None if h.stall_after is None else {
+               "after": h.stall_after, "util_busy": h.gpu_util_busy, "action": h.on_stall}}
     if data:
         req["manifest"]["data"] = data
     spec = jobspec.request(proj, code)

@@ -169,7 +169,10 @@ class Daemon(Scheduler):
                         (self.prep is not None and self.prep.busy()):  # builds: say progress
                     timeout = 1.0
                 else:
-                    timeout = 5.0
+                    # the wake FIFO in the shared lease dir says "a daemon waits for GPUs" (the
+                    # monitor's autostop reads it): it is there only while one does
+                    self._stop_listening()
+                    timeout = 1.0 if any(r is None or r["state"] == "running" for r in rows) else 5.0
                 fds = [rfd] + ([self.waiter[0]] if self.waiter else [])
                 ready, _, _ = select.select(fds, [], [], timeout)
                 for fd in ready:

@@ -22,7 +22,7 @@ import time
 import traceback
 
 from . import db, fsutil, gpus, inventory, leases, workdirs
-from .jobstate import append_log
+from .jobstate import append_log, ended
 from .prepare import Prep
 from .settings import Settings
 
@@ -149,6 +149,7 @@ class Scheduler:
                 self.con.execute("UPDATE jobs SET state='failed', ended_at=?, message=? WHERE id=? AND "
                                  "state='queued'", (time.time(), "rtrain could not start it: %s: %s" % (
                                      type(e).__name__, e), row["id"]))
+            ended(self.con, self.home, row["id"])
         except Exception:  # noqa: BLE001 - the database itself is in trouble: next pass
             traceback.print_exc()
 
@@ -188,6 +189,7 @@ class Scheduler:
             self.con.execute("UPDATE jobs SET state='failed', ended_at=?, message=? WHERE id=? AND "
                              "state='queued'", (time.time(), "cannot build its work dir: %s" % why,
                                                 row["id"]))
+        ended(self.con, self.home, row["id"])
 
     def _why_waiting(self, n, view, lock_dir):
         if view.error:

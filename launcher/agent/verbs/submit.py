@@ -10,9 +10,10 @@ import os
 import shutil
 import uuid as uuidlib
 
-from .. import db, fsutil, gclock, gpus, inventory, jobproject, paths, store
+from .. import autostop, db, fsutil, gclock, gpus, inventory, jobproject, notify, paths, store
 from ..manifest import ManifestError, check_entries
 from ..protocol import AgentError
+from . import watch
 
 
 def submit(ctx):
@@ -35,7 +36,7 @@ def submit(ctx):
     home = ctx.home
     _check_room(home, size, len(entries))
     _sweep_tmp(home)
-    tmp = _job_folder(home, entries, req.get("env") or {}, data, project)
+    tmp = _job_folder(home, entries, req.get("env") or {}, data, project, spec.pop("notify"), spec.pop("stall"))
     spec["files"] = len(entries)
     spec["bytes"] = sum(int(e.get("size") or 0) for e in entries)
     job_id = _commit(ctx, spec, token, tmp)
@@ -43,6 +44,7 @@ def submit(ctx):
         ctx.poke()
     except OSError:
         pass  # the job is queued; the next call that finds no daemon starts one
+    watch.push_autostop(ctx)
     return {"job": ctx.public(db.get(ctx.con, job_id)), "duplicate": False}
 
 
@@ -72,13 +74,33 @@ def _check_request(ctx):
                                             for k, v in env.items()):
         raise AgentError("bad_request", "env must map names to strings")
     git = (req.get("manifest") or {}).get("git") or {}
+    try:
+        notify_cfg = notify.check(req.get("notify"))
+    except notify.NotifyError as e:
+        raise AgentError("bad_request", str(e), "fix `notify:` in hosts.yaml or rtrain.yaml")
     return {
         "name": req.get("name") or _default_name(command), "command": command, "gpus": n,
         "priority": int(req.get("priority", 0)), "retries": int(req.get("retries", 0)),
         "grace": float(req.get("grace", 10)),
         "git_commit": git.get("commit"), "git_dirty": git.get("dirty") if git else None,
-        "settings": settings.to_dict(),
+        "settings": settings.to_dict(), "notify": notify_cfg, "stall": _check_stall(req.get("stall")),
     }
+
+
+def _check_stall(cfg):
+    """{"after": seconds, "util_busy": percent, "action": "notify" | "cancel"} or None."""
+    if not cfg:
+        return None
+    try:
+        after = autostop.seconds(cfg.get("after"), "stall_after")
+    except autostop.AutostopError as e:
+        raise AgentError("bad_request", str(e), "fix `stall_after:` in hosts.yaml or rtrain.yaml")
+    busy = cfg.get("util_busy", 5)
+    action = cfg.get("action") or "notify"
+    if isinstance(busy, bool) or not isinstance(busy, (int, float)) or action not in ("notify", "cancel"):
+        raise AgentError("bad_request", "bad stall settings %r" % (cfg,),
+                         "on_stall is notify or cancel; gpu_util_busy a percent")
+    return {"after": after, "util_busy": busy, "action": action}
 
 
 def _receive_snapshot(ctx):
@@ -113,10 +135,10 @@ def _receive_snapshot(ctx):
     return entries, size
 
 
-def _job_folder(home, entries, env, data=(), project=None):
-    """The job's folder, complete, in tmp/: its manifest, an empty log, its env (values may be
-    secrets: a 0600 file, never the job database). The daemon builds its work dir (the
-    snapshot's private copies) before it starts it (workdirs.py)."""
+def _job_folder(home, entries, env, data=(), project=None, notify_cfg=None, stall=None):
+    """The job's folder, complete, in tmp/: its manifest, an empty log, its env and where to
+    notify (values may be secrets: 0600 files, never the job database). The daemon builds its
+    work dir (the snapshot's private copies) before it starts it (workdirs.py)."""
     tmp = os.path.join(home.tmp, "job-%s-%d-%s" % (_node(), os.getpid(), uuidlib.uuid4().hex[:12]))
     try:
         os.mkdir(tmp, 0o700)
@@ -126,9 +148,11 @@ def _job_folder(home, entries, env, data=(), project=None):
             fsutil.write_json_atomic(os.path.join(tmp, "project.json"), project)
         open(job.log, "ab").close()
         os.chmod(job.log, 0o600)
-        fd = os.open(job.env, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(env, f)
+        for path, value in ((job.env, env), (job.notify, notify_cfg), (job.stall, stall)):
+            if value is not None:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "w") as f:
+                    json.dump(value, f)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
