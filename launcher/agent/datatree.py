@@ -1,17 +1,20 @@
 """A project's data on the host: a read-only tree per data content, shared by the jobs whose
 data is the same (docs/design.md "Data"). Built once per key (builds.py, kind "data") from the
-store: a hard link to each loose blob (no copy: a job's start does not depend on the data's
-size), a copy of the small blobs that live in packs; files 0444, folders 0555. A job's work dir
-gets one symlink per data path into it (worklinks.py). The key hashes the data's entries, so
-data edited after a submit makes a new tree for the next job and never changes the tree of a
-job already queued. Standard library only, Python >= 3.8.
+store as private COPIES (copy_file_range: a reflink where the file system has them), never hard
+links to the store: a job that chmods and rewrites a data file must not change the store. The
+copy is made once per content, so a job's start does not depend on the data's size: the second
+job with the same data starts at once. Files 0444, folders 0555. A job's work dir gets one
+symlink per data path into it (worklinks.py). The key hashes the data's entries, so data edited
+after a submit makes a new tree for the next job and never changes the tree of a job already
+queued. The tree's fingerprint (every file's size, mtime, mode and inode) is kept with it, and
+checked before each job that uses it (`intact`): a tree a job changed anyway is built again.
+Standard library only, Python >= 3.8.
 """
 import hashlib
 import json
 import os
 import stat
 
-from .manifest import check_entry
 from .materialize import materialize
 
 
@@ -26,32 +29,38 @@ def build(store, entries):
 
     def run(dest, log_fd):
         os.mkdir(dest, 0o700)
-        packed = store.lookup({e["hash"] for e in entries if e.get("type", "file") == "file"})
-        rest = []
-        linked = 0
-        made = {dest}
-        for e in entries:
-            parts, kind = check_entry(e)
-            src = store.path(e["hash"]) if kind == "file" else None
-            if kind != "file" or e.get("exec") or not os.path.isfile(src):
-                if kind == "file" and e["hash"] not in packed and not os.path.isfile(src):
-                    raise OSError("blob %s of %s is not in the store" % (e["hash"], e["path"]))
-                rest.append(e)
-                continue
-            parent = os.path.join(dest, *parts[:-1])
-            if parent not in made:
-                os.makedirs(parent, 0o700, exist_ok=True)
-                made.add(parent)
-            os.link(src, os.path.join(dest, *parts))
-            linked += 1
-        if rest:
-            materialize(store, rest, dest)
+        materialize(store, entries, dest)
         _read_only(dest)
-        os.write(log_fd, ("rtrain: data tree of %d file(s): %d linked from the store, %d copied\n" % (
-            len(entries), linked, len(rest))).encode())
-        return {"files": len(entries)}
+        os.write(log_fd, ("rtrain: data tree of %d file(s), copied once for every job with this data\n" % (
+            len(entries),)).encode())
+        return {"files": len(entries), "fingerprint": fingerprint(dest)}
 
     return run
+
+
+def fingerprint(root):
+    """A hash of every entry's path, size, mtime, mode and inode: what a job that rewrote or
+    chmodded a data file (it owns them) changes."""
+    h = hashlib.sha256()
+    for d, dirs, names in os.walk(root):
+        dirs.sort()
+        for name in sorted(names):
+            full = os.path.join(d, name)
+            st = os.lstat(full)
+            h.update(("%s\0%d\0%d\0%o\0%d\n" % (os.path.relpath(full, root), st.st_size, st.st_mtime_ns,
+                                                  st.st_mode, st.st_ino)).encode("utf-8", "surrogateescape"))
+    return h.hexdigest()
+
+
+def intact(root, ready):
+    """True if the tree at root is as it was built (its .ready record's fingerprint)."""
+    want = (ready or {}).get("fingerprint")
+    if not want:
+        return True  # built by an agent that kept none
+    try:
+        return fingerprint(root) == want
+    except OSError:
+        return False
 
 
 def _read_only(root):

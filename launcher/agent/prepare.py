@@ -108,6 +108,18 @@ class Prep:
         """True once (kind, key) is built; else start or wait for its build (False)."""
         job_id = row["id"]
         seen = self.waited.setdefault(job_id, set())
+        if kind == "data" and self.builds.ready(kind, key) is not None and \
+                not datatree.intact(self.builds.path(kind, key), self.builds.ready(kind, key)):
+            # a job changed the shared data tree (it owns its files): build it again, once no
+            # running job reads it
+            users = [r["id"] for r in self.con.execute("SELECT id FROM jobs WHERE state='running'")
+                     if (jobproject.read(self.home, r["id"]) or {}).get("data_key") == key]
+            if users:
+                self._say(row, "waiting: its data tree was changed by a job; it is copied again once job "
+                               "%s, which reads it, ends" % ", ".join(map(str, users)))
+                return False
+            append_log(self.home, job_id, "rtrain: data tree %s was changed by a job; copying it again\n" % key)
+            self.builds.remove(kind, key)
         if self.builds.ready(kind, key) is not None:
             try:
                 os.utime(self.builds.path(kind, key) + ".ready")  # last used: prune keeps it a while

@@ -1,5 +1,5 @@
 """Artifacts built once per key (builds.py): published only when complete, a failure kept as a
-record and never as an artifact, one builder per key; a data tree (datatree.py) of hard links
+record and never as an artifact, one builder per key; a data tree (datatree.py) of copies
 into the store, read-only."""
 import hashlib
 import io
@@ -58,7 +58,7 @@ def test_one_builder_per_key(tmp_path):
     assert wait_child(b, first) == 0 and b.ready("env", key) is not None
 
 
-def test_data_tree_links_the_store_read_only(tmp_path):
+def test_data_tree_is_a_read_only_copy_the_store_never_shares(tmp_path):
     st = Store(str(tmp_path / "store"))
     big, small = os.urandom(2 << 20), b"small\n"
     hb, hs = hashlib.sha256(big).hexdigest(), hashlib.sha256(small).hexdigest()
@@ -73,7 +73,17 @@ def test_data_tree_links_the_store_read_only(tmp_path):
     assert wait_child(b, b.start("data", key, datatree.build(st, entries))) == 0
     root = b.path("data", key)
     s_big = os.stat(os.path.join(root, "data/c/big.bin"))
-    assert s_big.st_ino == os.stat(st.path(hb)).st_ino  # the store's blob: no copy
+    assert s_big.st_ino != os.stat(st.path(hb)).st_ino and s_big.st_nlink == 1  # a copy, not the blob
     assert open(os.path.join(root, "data/c/link")).read() == "small\n"
     assert s_big.st_mode & 0o777 == 0o444 and os.stat(os.path.join(root, "data/c")).st_mode & 0o777 == 0o555
+    ready = b.ready("data", key)
+    assert datatree.intact(root, ready)
+    # a job owns these files: one that chmods and rewrites its data changes its tree (which is
+    # then seen, and built again) but never the store
+    p = os.path.join(root, "data/c/big.bin")
+    os.chmod(p, 0o644)
+    with open(p, "r+b") as f:
+        f.write(b"HACK")
+    assert not datatree.intact(root, ready)
+    assert hashlib.sha256(open(st.path(hb), "rb").read()).hexdigest() == hb
     assert b.remove("data", key) is not None and not os.path.exists(root)  # read-only folders too
