@@ -34,6 +34,8 @@ class AgentClient:
         req = {"protocol": PROTOCOL}
         if self.host.home:
             req["home"] = self.host.home
+        if getattr(self.host, "slurm", None) is not None:  # scheduler: slurm (agent/backends.py)
+            req["slurm"] = self.host.slurm
         return req
 
     def settings(self):

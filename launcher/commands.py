@@ -157,7 +157,7 @@ def cmd_gpus(args, session_factory):
             if err is not None:
                 out.append({"host": host, "error": err.message})
                 continue
-            for u in res["gpus"]:
+            for u in res["gpus"] + (res.get("slurm_nodes") or []):  # a Slurm host: its nodes
                 d = dict(u)
                 d["host"] = host
                 out.append(d)

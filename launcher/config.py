@@ -3,6 +3,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional, Tuple, Union
 
+from . import slurmhost
 from .errors import ConfigError
 
 HOST_KEYS = {
@@ -33,6 +34,7 @@ HOST_KEYS = {
     "price_per_gpu_hour": "what one GPU-hour costs on this host (status and usage show costs)",
     "compare_price": "a GPU-hour's price elsewhere (a cloud's), that usage compares with",
 }
+HOST_KEYS.update(slurmhost.KEYS)  # scheduler: slurm, and the sbatch options of such a host
 TOP_KEYS = ("default", "hosts")
 
 
@@ -62,6 +64,7 @@ class Host:
     gpu_util_busy: float = 5
     price_per_gpu_hour: Optional[float] = None
     compare_price: Optional[float] = None
+    slurm: Optional[dict] = field(default=None, hash=False)  # scheduler: slurm (slurmhost.py)
 
 
 LOCAL = Host(name="local")
@@ -247,6 +250,7 @@ def _host(path, name, line, node):
             bad("env", "a mapping of NAME: value")
         kw["env"] = tuple((k, "" if v is None else str(v)) for k, v in e.items())
     _watch_keys(data, bad, kw)
+    slurmhost.parse(data, bad, kw)
     return Host(**kw)
 
 

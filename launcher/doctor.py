@@ -32,27 +32,13 @@ def doctor(session, host=None):
             "fix": "" if py >= (3, 8) else "rtrain needs Python >= 3.8; set `python:` in hosts.yaml"})
         out.append({"name": "agent", "ok": True, "detail": "version %s, protocol %s, daemon %s" % (
             hello["agent_version"], hello["protocol"],
-            "running" if hello.get("daemon_running") else "idle (starts on demand)"), "fix": ""})
-        try:
-            g = c.call("gpus", {"settings": c.settings()})
-            if g.get("error"):
-                out.append({"name": "nvidia-smi", "ok": False, "detail": g["error"]["message"],
-                            "fix": "fix the NVIDIA driver there; CPU jobs (--gpus 0) still run"})
-            elif not g.get("nvidia_smi_found", True):
-                out.append({"name": "nvidia-smi", "ok": None, "detail": "not found: no GPUs",
-                            "fix": "install the NVIDIA driver for GPU jobs; CPU jobs run"})
-            else:
-                free = sum(1 for u in g["gpus"] if u["state"] == "free")
-                out.append({"name": "nvidia-smi", "ok": True, "detail": "%d GPU(s), %d free" % (
-                    len(g["gpus"]), free), "fix": ""})
-                if g.get("lock_dir_problem"):
-                    out.append({"name": "leases", "ok": False, "detail": g["lock_dir_problem"],
-                                "fix": "GPU jobs wait until it is fixed; CPU jobs run"})
-                elif g.get("lock_dir"):
-                    out.append({"name": "leases", "ok": True, "detail": "GPU leases in %s" % (
-                        g["lock_dir"]), "fix": ""})
-        except RtrainError as e:
-            out.append({"name": "nvidia-smi", "ok": False, "detail": e.message, "fix": e.hint})
+            "running" if hello.get("daemon_running") else "not needed: Slurm runs the jobs"
+            if hello.get("slurm") is not None else "idle (starts on demand)"), "fix": ""})
+        if hello.get("slurm") is not None:  # a cluster's login node: Slurm's checks, no nvidia-smi
+            from . import slurmhost
+            out += slurmhost.checks(hello["slurm"])
+        else:
+            out += _gpu_checks(c)
         free = hello.get("disk_free")
         writable = bool(hello.get("home_writable"))
         # not writable: nothing works; under 1 GiB free: works until a snapshot or log fills it
@@ -71,6 +57,32 @@ def doctor(session, host=None):
                                              else "agent", "ok": False, "detail": err.message,
                                              "fix": err.hint}])
             for name, res, err in hostsmod.parallel(check, names)]
+
+
+def _gpu_checks(c):
+    """nvidia-smi and the GPU leases of a host whose GPUs rtrain hands out."""
+    out = []
+    try:
+        g = c.call("gpus", {"settings": c.settings()})
+        if g.get("error"):
+            out.append({"name": "nvidia-smi", "ok": False, "detail": g["error"]["message"],
+                        "fix": "fix the NVIDIA driver there; CPU jobs (--gpus 0) still run"})
+        elif not g.get("nvidia_smi_found", True):
+            out.append({"name": "nvidia-smi", "ok": None, "detail": "not found: no GPUs",
+                        "fix": "install the NVIDIA driver for GPU jobs; CPU jobs run"})
+        else:
+            free = sum(1 for u in g["gpus"] if u["state"] == "free")
+            out.append({"name": "nvidia-smi", "ok": True, "detail": "%d GPU(s), %d free" % (
+                len(g["gpus"]), free), "fix": ""})
+            if g.get("lock_dir_problem"):
+                out.append({"name": "leases", "ok": False, "detail": g["lock_dir_problem"],
+                            "fix": "GPU jobs wait until it is fixed; CPU jobs run"})
+            elif g.get("lock_dir"):
+                out.append({"name": "leases", "ok": True, "detail": "GPU leases in %s" % (
+                    g["lock_dir"]), "fix": ""})
+    except RtrainError as e:
+        out.append({"name": "nvidia-smi", "ok": False, "detail": e.message, "fix": e.hint})
+    return out
 
 
 def autostop_check(auto):

@@ -6,7 +6,7 @@ import time
 JOB_JSON_KEYS = ("id", "host", "name", "state", "gpus", "exit_code", "signal", "submitted_at",
                  "started_at", "ended_at", "command", "priority", "retries", "attempts",
                  "git_commit", "git_dirty", "log", "work_dir", "message", "gpus_requested",
-                 "gpu_hours", "cost")
+                 "gpu_hours", "cost", "slurm")
 
 STATE_STYLE = {"queued": "yellow", "running": "cyan", "succeeded": "green", "failed": "red",
                "cancelled": "magenta", "lost": "red"}
@@ -118,6 +118,8 @@ def job_detail(job):
                                   ", cost %.2f" % job["cost"])),
         ("log", job.get("log") or "-"), ("work dir", job.get("work_dir") or "-"),
     ]
+    if job.get("slurm"):  # a job on a Slurm cluster: Slurm's id, state and node
+        rows.insert(3, ("slurm", slurm_line(job["slurm"])))
     w = max(len(k) for k, _ in rows)
     for k, v in rows:
         # values are the user's text (name, command, message) or the host's: never markup
@@ -136,7 +138,10 @@ def gpu_table(results):
     for col in ("HOST", "GPU", "NAME", "MEMORY", "UTIL", "STATE", "HELD BY", "UUID"):
         t.add_column(col)
     notes = []  # long messages go under the table, whole, rather than wrapped in a cell
+    clusters = [(h, r) for h, r, e in results if e is None and r.get("slurm_nodes") is not None]
     for host, res, err in results:
+        if err is None and res.get("slurm_nodes") is not None:
+            continue  # a Slurm cluster: its nodes' GRES, in a table of their own below
         if err is not None:
             t.add_row(_txt(host), "-", "[red]unreachable[/]", "", "", "[red]unknown[/]", "see below", "")
             notes.append(Text.assemble(_txt(err.message, "red"),
@@ -157,9 +162,40 @@ def gpu_table(results):
             held = u.get("holder") or (u.get("reason") or "")
             t.add_row(_txt(host), _txt(u["index"]), _txt(u["name"]), _txt(mem), _txt(util), state,
                       _txt(held), _txt(u["uuid"]))
-    con.print(t)
+    if len(clusters) < len(results):
+        con.print(t)
     for n in notes:
         con.print(n, soft_wrap=True)
+    if clusters:
+        slurm_nodes_table(con, clusters)
+
+
+def slurm_line(s):
+    """`rtrain status JOB`'s line about Slurm: "job 123, RUNNING on node1"."""
+    if not s.get("job_id"):
+        return "not submitted to Slurm yet"
+    state = s.get("state") or ""
+    if s.get("reason"):
+        state += " (%s)" % s["reason"]
+    return "job %s%s%s" % (s["job_id"], ", " + state if state else "",
+                           " on %s" % s["node"] if s.get("node") else "")
+
+
+def slurm_nodes_table(con, clusters):
+    """GPUs of Slurm clusters per node (sinfo's GRES): total, allocated, free."""
+    from rich.table import Table
+    t = Table(box=None, pad_edge=False, header_style="bold")
+    for col in ("HOST", "NODE", "STATE", "PARTITIONS", "GPUS", "ALLOCATED", "FREE", "TYPES"):
+        t.add_column(col)
+    for host, res in clusters:
+        if not res["slurm_nodes"]:
+            t.add_row(_txt(host), "-", "no nodes", "", "", "", "", "")
+        for n in res["slurm_nodes"]:
+            kinds = ", ".join("%s %d/%d" % (k or "gpu", v["used"], v["total"]) for k, v in n["types"].items())
+            t.add_row(_txt(host), _txt(n["node"]), _txt(n["state"], "" if n["usable"] else "red"),
+                      _txt(",".join(n["partitions"])), str(n["gpus_total"]), str(n["gpus_used"]),
+                      _txt(str(n["gpus_free"]), "green" if n["gpus_free"] else ""), _txt(kinds))
+    con.print(t)
 
 
 def _txt(value, style=""):
@@ -206,6 +242,10 @@ class Stderr:
         elif kind == "sent" and not self.quiet:
             self.done()
             sys.stderr.write("rtrain: sent %d file(s), %.1f MB\n" % (detail["files"], detail["bytes"] / 1e6))
+        elif kind == "building" and not self.quiet and detail and detail != getattr(self, "said", None):
+            self.said = detail  # a Slurm host builds the job's environment before sbatch
+            sys.stderr.write("rtrain: %s\n" % detail)
+            sys.stderr.flush()
         elif kind == "retry":
             self.done()
             err = detail["error"]

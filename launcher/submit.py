@@ -78,6 +78,8 @@ def submit(session, argv, host=None, gpus=0, name=None, priority=0, retries=0, e
         req["project"] = spec
 
     def respond(frame):
+        if "building" in frame:  # a Slurm host builds what the job needs before sbatch
+            events("building", frame["building"])
         if "missing" not in frame:
             return ()
         return _upload(root, manifest, frame["missing"] or [], progress, events)
@@ -182,10 +184,13 @@ def place(session, gpus, events):
             continue
         g, st = res
         units = g["gpus"]
-        if len(units) < gpus:
-            events("skip", "%s has %d GPU(s), the job needs %d" % (name, len(units), gpus))
+        total, free = len(units), sum(1 for u in units if u["state"] == "free")
+        if g.get("slurm_nodes") is not None:  # a Slurm cluster: its nodes' GRES
+            from .slurmhost import capacity
+            total, free = capacity(g)
+        if total < gpus:
+            events("skip", "%s has %d GPU(s), the job needs %d" % (name, total, gpus))
             continue
-        free = sum(1 for u in units if u["state"] == "free")
         queued = sum(1 for j in st["jobs"] if j["state"] == "queued")
         score = (0 if free >= gpus and queued == 0 else 1, queued, -free)
         if best is None or score < best[0]:

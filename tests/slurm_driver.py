@@ -10,6 +10,7 @@ the reply: one JSON line {"results": [...]} where each result is {"ok": value} o
 {"code", "message"}}. fn is one of the functions below.
 """
 import importlib
+import io
 import json
 import os
 import sys
@@ -67,7 +68,18 @@ def main():
                     out[str(i)][n] = None
         return out
 
-    fns = {"make_jobs": make_jobs, "submit": submit, "status": status, "wait": wait,
+    def agent(verb, req, times=1):
+        """The agent's verb `verb` run in this process, `times` times, as one call of the client
+        would run it (the request carries the home): its last result."""
+        verbs = importlib.import_module(pkg + ".verbs")
+        context = importlib.import_module(pkg + ".verbs.context")
+        res = None
+        for _ in range(times):
+            ctx = context.Context(dict(req, home=home.root), io.BytesIO(), io.StringIO(), [])
+            res = verbs.VERBS[verb](ctx)
+        return res
+
+    fns = {"make_jobs": make_jobs, "agent": agent, "submit": submit, "status": status, "wait": wait,
            "files": files,
            "cancel": lambda ids: {str(k): v for k, v in slurmjobs.cancel(home, ids).items()},
            "gpus": lambda: slurmjobs.gpus(),

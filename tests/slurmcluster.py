@@ -108,7 +108,9 @@ class SlurmCluster:
             "SlurmdPort=%d" % self.slurmd_port,
             "SlurmUser=root", "SlurmdUser=root",
             "AuthType=auth/munge", "CredType=cred/munge",
-            "AuthInfo=socket=%s" % (r / "munge" / "munge.socket"),
+            # cred_expire: also how long a requeued job waits before it may start again (120 s by
+            # default); a test requeues a job
+            "AuthInfo=socket=%s,cred_expire=10" % (r / "munge" / "munge.socket"),
             "StateSaveLocation=%s" % (r / "state"),
             "SlurmdSpoolDir=%s" % (r / "spool"),
             "SlurmctldPidFile=%s" % (r / "slurmctld.pid"),
@@ -121,7 +123,9 @@ class SlurmCluster:
             "SelectType=select/cons_tres", "SelectTypeParameters=CR_Core",
             "SchedulerType=sched/backfill",
             # Schedule at once on every event (the defaults batch them for a busy cluster).
-            "SchedulerParameters=batch_sched_delay=0,sched_min_interval=0,default_queue_depth=1000",
+            # (sched_interval: the full pass, which starts a requeued job once its BeginTime passed)
+            "SchedulerParameters=batch_sched_delay=0,sched_min_interval=0,default_queue_depth=1000,"
+            "sched_interval=2",
             "GresTypes=gpu", "ReturnToService=2", "SlurmdParameters=config_overrides",
             "MinJobAge=3600", "MaxJobCount=100000", "MessageTimeout=5",
             "KillWait=5",

@@ -4,10 +4,11 @@ timeout, in the environment the agent was started with (SLURM_CONF and PATH of t
 
 A job on Slurm keeps rtrain's folder layout (paths.Home: jobs/N/ with work/, log, exit.json) on
 the file system the login node shares with the compute nodes, plus:
-    command      the job's command (the one shell string, run by the wrapper with bash -c)
-    env0         its environment, NAME=VALUE entries separated by NUL (0600)
-    slurm.json   {"slurm_job_id": "123" | "123_4", "submitted_at": epoch}
-    start.json   written by the wrapper when the command starts (node, time, restarts)
+    argv0        what the wrapper runs: NUL-separated arguments (bash -c COMMAND, or the login
+                 shell, or a container engine's command)
+    env.sh       its variables, `export NAME=...` lines that expand $VAR on the compute node (0600)
+    slurm.json   {"slurm_job_id": "123" | "123_4", "submitted_at": epoch, "requeue": bool|None}
+    start.json   written by the wrapper when the command starts (node, GPUs, time, restarts)
     cancel       rtrain was asked to cancel it
 and, shared, slurm/wrapper-HASH.sh (the batch wrapper) and slurm/arrays/A/ (an array's links,
 task index -> the job's folder).
@@ -20,7 +21,7 @@ import subprocess
 import tempfile
 import time
 
-from . import fsutil, slurm
+from . import fsutil, runtime, slurm
 from .protocol import AgentError
 
 TIMEOUT = 60.0   # seconds a Slurm command may take (a busy slurmctld answers slowly)
@@ -69,32 +70,47 @@ def _write_private(path, data):
     os.replace(tmp, path)
 
 
-def env0(env):
-    """The NUL-separated NAME=VALUE entries the wrapper exports (no shell quoting to get wrong)."""
+def env_script(assignments):
+    """env.sh: one `export NAME=...` line per (name, raw value), in order, each expanding $VAR
+    and ${VAR} when the job's shell reads it on the compute node ($$ is a literal $): the
+    quoting of runtime.shell_assignment, so no value is ever read as shell code."""
     out = []
-    for k, v in env.items():
+    for k, v in assignments:
         k, v = str(k), str(v)
-        if not k or "=" in k or "\0" in k or "\0" in v or not (k[0].isalpha() or k[0] == "_") \
-                or not all(c.isalnum() or c == "_" for c in k):
+        if "\0" in v:
+            raise AgentError("bad_env", "the value of %s holds a NUL byte" % k)
+        try:
+            out.append(runtime.shell_assignment(k, v))
+        except ValueError:
             raise AgentError("bad_env", "not a valid environment variable: %r" % k)
-        out.append("%s=%s" % (k, v))
-    return "".join(x + "\0" for x in out).encode("utf-8")
+    return "".join(out).encode("utf-8")
 
 
-def job_env(job_id, extra=None):
-    """What every job gets (as on a tower: runner.job_env) plus the job's own values. Slurm sets
+def fixed_vars(job_id):
+    """What every job gets (as on a tower: runner.fixed_vars), taken literally. Slurm sets
     CUDA_VISIBLE_DEVICES; the wrapper sets it empty for a job without GPUs."""
-    env = {"RTRAIN_JOB_ID": str(job_id), "PYTHONUNBUFFERED": "1", "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
-    env.update(extra or {})
-    return env
+    return [("RTRAIN_JOB_ID", str(job_id)), ("PYTHONUNBUFFERED", "1"),
+            ("CUDA_DEVICE_ORDER", "PCI_BUS_ID")]
+
+
+def job_assignments(job):
+    """The job's variables in the order they apply: `vars` ([name, raw value]: $VAR expands),
+    then `env` ({name: value}, taken literally), then rtrain's own."""
+    out = [(k, v) for k, v in job.get("vars") or ()]
+    out += [(k, str(v).replace("$", "$$")) for k, v in (job.get("env") or {}).items()]
+    return out + [(k, v.replace("$", "$$")) for k, v in fixed_vars(job["id"])]
 
 
 def prepare(home, job):
-    """Write a job's command, env0 and empty log into its folder (which holds work/ already).
-    job: {"id": N, "command": str, "env": {...}}."""
+    """Write a job's argv0, env.sh and empty log into its folder (which holds work/ already).
+    job: {"id": N, "argv": [...] or "command": str (run as bash -c COMMAND), "vars": [[name,
+    raw value]], "env": {name: literal value}}."""
     d = home.job(job["id"]).dir
-    _write_private(os.path.join(d, "command"), job["command"].encode("utf-8"))
-    _write_private(os.path.join(d, "env0"), env0(job_env(job["id"], job.get("env"))))
+    argv = job.get("argv") or [runtime.SHELL, "-c", job["command"]]
+    if not argv or any("\0" in str(a) for a in argv):
+        raise AgentError("bad_request", "a job's argv must be strings without NUL bytes")
+    _write_private(os.path.join(d, "argv0"), b"".join(str(a).encode("utf-8") + b"\0" for a in argv))
+    _write_private(os.path.join(d, "env.sh"), env_script(job_assignments(job)))
     fd = os.open(home.job(job["id"]).log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     os.close(fd)
 
@@ -148,7 +164,8 @@ def submit(home, jobs, options, env=None):
     now = time.time()
     for job, sid in zip(jobs, ids):
         fsutil.write_json_atomic(os.path.join(home.job(job["id"]).dir, "slurm.json"),
-                                 {"slurm_job_id": sid, "submitted_at": now}, durable=False)
+                                 {"slurm_job_id": sid, "submitted_at": now,
+                                  "requeue": options.get("requeue")}, durable=False)
     return ids
 
 
@@ -265,12 +282,23 @@ def cancel(home, job_ids, env=None):
     return {j: errors.get(sids.get(j)) if j in sids else "never submitted to Slurm" for j in job_ids}
 
 
-def gpus(env=None):
-    """GPUs (GRES) per node from sinfo: slurm.parse_sinfo_gres's list."""
-    rc, out, err = run(slurm.SINFO_ARGV, env=env, timeout=30)
+def gpus(env=None, partition=None):
+    """GPUs (GRES) per node from sinfo (of one partition, or all): slurm.parse_sinfo_gres's list."""
+    argv = list(slurm.SINFO_ARGV) + (["-p", str(partition)] if partition else [])
+    rc, out, err = run(argv, env=env, timeout=30)
     if rc != 0:
         raise AgentError("sinfo_failed", slurm.slurm_error(err, "sinfo failed (exit %d)" % rc))
     return slurm.parse_sinfo_gres(out)
+
+
+def json_works(home, env=None):
+    """Whether `squeue --json` works on this cluster (known from an earlier call, else tried)."""
+    key, cache, works = _json_cache(home, env)
+    if works is None:
+        rc, _, err = run(slurm.squeue_json_argv(_user()), env=env)
+        works = rc == 0
+        fsutil.write_json_atomic(cache, {"key": key, "json": works}, durable=False)
+    return works
 
 
 def read_start(home, job_id):

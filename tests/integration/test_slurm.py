@@ -1,89 +1,22 @@
 """The agent's Slurm functions (launcher/agent/slurmjobs.py) against a real single-node Slurm 22.05
 with 4 GPUs as GRES (tests/slurmcluster.py), driven the way the agent will drive them: on the
 login node, as the test user, over the real sshd, from the shipped zipapp under python3 -S
-(tests/slurm_driver.py). SLURM_CONF reaches the user's sessions through sshd's SetEnv; a counting
-`squeue` first on their PATH tells how many times squeue ran."""
+(tests/slurm_driver.py), on the login node of tests/slurmlogin.py."""
 import json
-import os
-import shutil
-import subprocess
-import tempfile
 import uuid
 
 import pytest
 
-from launcher import agentpkg
-from slurmcluster import SlurmCluster, missing_binaries
-from support import ALICE, REPO, need
+from slurmlogin import Login, started_cluster, stop_cluster
 
 ENDED = ("succeeded", "failed", "cancelled", "lost", "preempted")
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    missing = missing_binaries()
-    need(not missing, "Slurm is not installed (missing %s: apt-get install slurmctld slurmd "
-                      "slurm-client munge)" % ", ".join(missing))
-    need(os.geteuid() == 0, "starting munged and slurmd needs root")
-    root = tempfile.mkdtemp(prefix="rtrain-slurm-")
-    c = SlurmCluster(root)
-    try:
-        c.start()
-    except (RuntimeError, OSError, subprocess.SubprocessError) as e:
-        c.stop()
-        need(False, "cannot start a Slurm cluster: %s" % e)
+    c = started_cluster()
     yield c
-    c.stop()
-    shutil.rmtree(root, ignore_errors=True)
-
-
-class Login:
-    """The cluster's login node as ALICE: ssh to an sshd whose sessions have SLURM_CONF."""
-
-    def __init__(self, sshd, cluster):
-        self.sshd = sshd
-        self.dir = sshd.root / ("slurm-%s" % uuid.uuid4().hex[:8])
-        shim = self.dir / "shim"
-        shim.mkdir(parents=True)
-        for d in (self.dir, shim):
-            os.chmod(d, 0o755)
-        self.calls = shim / "squeue.calls"
-        self.calls.write_text("")
-        os.chmod(self.calls, 0o666)
-        real = shutil.which("squeue", path="/usr/bin:/usr/local/bin:/bin")
-        (shim / "squeue").write_text('#!/bin/sh\necho "$*" >> %s\nexec %s "$@"\n' % (self.calls, real))
-        os.chmod(shim / "squeue", 0o755)
-        blob, digest = agentpkg.build()
-        self.pyz = self.dir / ("agent-%s.pyz" % digest[:16])
-        self.pyz.write_bytes(blob)
-        self.driver = self.dir / "slurm_driver.py"
-        shutil.copy(REPO / "tests" / "slurm_driver.py", self.driver)
-        for f in (self.pyz, self.driver):
-            os.chmod(f, 0o644)
-        self.port, _, self.known_hosts = sshd.start("slurm-" + self.dir.name, set_env={
-            "SLURM_CONF": str(cluster.conf),
-            "PATH": "%s:%s:/usr/local/bin:/usr/bin:/bin" % (shim, sshd.bin_dir)})
-
-    def squeue_calls(self):
-        return len(self.calls.read_text().splitlines())
-
-    def run(self, home, *calls, timeout=120):
-        """Run the driver's calls in one ssh session; the results ({"ok"} or {"error"})."""
-        argv = ["ssh", "-F", "/dev/null", "-i", str(self.sshd.user_key), "-o", "IdentitiesOnly=yes",
-                "-o", "UserKnownHostsFile=%s" % self.known_hosts, "-o", "StrictHostKeyChecking=yes",
-                "-o", "BatchMode=yes", "-p", str(self.port), "%s@127.0.0.1" % ALICE,
-                "python3 -S %s %s rtrain_agent" % (self.driver, self.pyz)]
-        env = dict(os.environ, SSH_AUTH_SOCK="")
-        p = subprocess.run(argv, input=json.dumps({"home": home, "calls": [list(c) for c in calls]}),
-                           capture_output=True, text=True, timeout=timeout, env=env)
-        assert p.returncode == 0, p.stderr
-        return json.loads(p.stdout.strip().splitlines()[-1])["results"]
-
-    def ok(self, home, *calls, timeout=120):
-        res = self.run(home, *calls, timeout=timeout)
-        for c, r in zip(calls, res):
-            assert "ok" in r, (c, r)
-        return [r["ok"] for r in res]
+    stop_cluster(c)
 
 
 @pytest.fixture(scope="module")

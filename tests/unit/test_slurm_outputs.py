@@ -499,13 +499,32 @@ def test_wrapper_without_its_work_dir(tmp_path):
     assert json.loads(open(home.job(7).exit).read())["exit_code"] == 127
 
 
-def test_env0_refuses_names_the_wrapper_cannot_export():
-    assert slurmjobs.env0({"A": "1", "_b2": "x=y\n"}) == b"A=1\0_b2=x=y\n\0"
+def test_env_script_quotes_values_and_refuses_names_the_shell_cannot_export(tmp_path):
+    script = slurmjobs.env_script([("A", "1"), ("_b2", "x=y\n'q' $A ${A}x $$"), ("E", "")])
+    assert script == (b"export A=1\nexport _b2='x=y\n'\"'\"'q'\"'\"' '\"${A}\"' '\"${A}\"'x '"
+                      b"'$'\nexport E=''\n")
+    # what bash makes of it: variables expand, nothing else is read as code
+    p = subprocess.run(["bash", "-c", '. /dev/stdin; printf "%s|" "$A" "$_b2" "$E"'], input=script,
+                       capture_output=True, timeout=10)
+    assert p.stdout == b"1|x=y\n'q' 1 1x $||"
     for bad in ("1A", "A-B", "A B", "", "A=B"):
         with pytest.raises(AgentError):
-            slurmjobs.env0({bad: "1"})
+            slurmjobs.env_script([(bad, "1")])
     with pytest.raises(AgentError):
-        slurmjobs.env0({"A": "nul\0"})
+        slurmjobs.env_script([("A", "nul\0")])
+
+
+def test_wrapper_expands_vars_in_the_jobs_shell_and_keeps_its_own(tmp_path):
+    """A job's variables named like the wrapper's own (d, rc, node) change nothing of it."""
+    home, wrapper, folder, env = _wrapper_job(tmp_path, "true")
+    slurmjobs.prepare(home, {"id": 7, "argv": ["/bin/sh", "-c", 'echo "$P|$d|$rc|$RTRAIN_JOB_ID"'],
+                             "vars": [["P", "$HOME/x:$PATH"], ["d", "/nowhere"], ["rc", "5"]]})
+    env["HOME"] = "/h"
+    p = _run(wrapper, folder, env, tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.decode() == "/h/x:%s|/nowhere|5|7\n" % env["PATH"]
+    ex = json.loads(open(home.job(7).exit).read())
+    assert ex["exit_code"] == 0 and ex["gpus"] == "2,3" and ex["node"] == "gpu-node-3"
 
 
 def test_slurm_modules_need_only_the_stdlib(tmp_path):

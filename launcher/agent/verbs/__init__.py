@@ -25,3 +25,15 @@ VERBS = {
     "daemon": daemon, "prune": prune.prune, "notify": notify_sender, "autostop": watch.autostop_verb,
     "monitor": watch.monitor_verb,
 }
+
+
+def _by_backend(name, fn):
+    """The verb as the backend of its request runs it (backends.py: Slurm has its own submit,
+    cancel, gpus and hello)."""
+    def verb(ctx):
+        return ctx.backend.verb(name, fn)(ctx)
+    verb.__doc__ = fn.__doc__
+    return verb
+
+
+VERBS = {name: _by_backend(name, fn) for name, fn in VERBS.items()}

@@ -2,7 +2,7 @@
 import json
 import os
 
-from .. import daemon, db, paths
+from .. import db, paths
 from ..protocol import AgentError
 from ..settings import Settings, SettingsError
 
@@ -18,6 +18,7 @@ class Context:
         self.home_root = paths.resolve_home(req.get("home"))
         self._home = None
         self._con = None
+        self._backend = None
 
     @property
     def home(self):
@@ -47,8 +48,16 @@ class Context:
         self.out.write(json.dumps(frame, separators=(",", ":")) + "\n")
         self.out.flush()
 
+    @property
+    def backend(self):
+        """Who runs this home's jobs: rtrain's daemon, or Slurm (backends.py)."""
+        if self._backend is None:
+            from .. import backends
+            self._backend = backends.of(self)
+        return self._backend
+
     def poke(self):
-        daemon.poke(self.home, self.agent_argv)
+        self.backend.poke()
 
     def job_row(self, job_id):
         try:
@@ -70,4 +79,4 @@ class Context:
             d["log_size"] = os.path.getsize(d["log"])
         except OSError:
             d["log_size"] = 0
-        return d
+        return self.backend.describe(d)

@@ -3,7 +3,7 @@ import base64
 import os
 import time
 
-from .. import daemon, db, jobstate, logwatch
+from .. import logwatch
 from .context import TERMINAL
 
 
@@ -29,7 +29,6 @@ def logs(ctx):
     heartbeat = float(req.get("heartbeat", 2.0))
     state_every = float(req.get("state_every", 0.25))  # re-read the job's state at least this often
     watch = logwatch.Watch(ctx.home.job(job_id).dir, poll=float(req.get("poll", 0.01))) if follow else None
-    con = ctx.con
     now = time.monotonic()
     last_sent = now - heartbeat  # no data at once: say at once that the stream is up
     last_check = now
@@ -55,8 +54,7 @@ def logs(ctx):
                         "signal": row["signal"]}
             now = time.monotonic()
             if not follow or check or now - last_check >= state_every:
-                jobstate.finalize_exited(con, ctx.home)
-                row = db.get(con, job_id)
+                row = ctx.backend.job_row(job_id)
                 last_check = now
                 check = False
                 # a job that ended may have written more since the read above: one more pass
@@ -64,10 +62,9 @@ def logs(ctx):
                 if done:
                     continue
             if now - last_sent >= heartbeat:
-                if row["state"] in ("queued", "running") and not daemon.running(ctx.home):
-                    # the daemon died (killed, or a reboot): start it; it reconciles, and a job
-                    # whose process vanished becomes lost, which ends this stream
-                    ctx.poke()
+                # a daemon that died (killed, or a reboot) is started again; it reconciles, and a
+                # job whose process vanished becomes lost, which ends this stream
+                ctx.backend.revive([row])
                 ctx.emit({"hb": offset, "state": row["state"]})
                 last_sent = now
             names = watch.wait(min(last_sent + heartbeat, last_check + state_every) - time.monotonic())

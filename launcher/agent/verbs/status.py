@@ -1,7 +1,7 @@
 """`status` (list or look up jobs) and `cancel`."""
 import time
 
-from .. import daemon, db, jobstate, monitor, runner
+from .. import db, jobstate, monitor, runner
 
 
 def status(ctx):
@@ -9,7 +9,7 @@ def status(ctx):
     limit (at most this many finished jobs; active ones always come)."""
     req = ctx.req
     con = ctx.con
-    jobstate.finalize_exited(con, ctx.home)
+    ctx.backend.refresh()
     ids = req.get("ids")
     hidden = 0
     if ids:
@@ -34,8 +34,7 @@ def status(ctx):
         total = con.execute("SELECT COUNT(*) FROM jobs WHERE %s" % base, args).fetchone()[0]
         hidden = total - len(rows)
         jobs = [db.to_public(r) for r in rows]
-    if any(j["state"] in ("queued", "running") for j in jobs) and not daemon.running(ctx.home):
-        ctx.poke()  # the daemon died (or the host rebooted): start it, it reconciles
+    ctx.backend.revive(jobs)  # a daemon that died (or the host rebooted) is started again
     monitor.ensure(ctx.home, con, ctx.agent_argv)  # likewise the monitor, if anything needs it
     return {"jobs": jobs, "hidden": hidden, "now": time.time()}
 

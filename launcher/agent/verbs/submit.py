@@ -67,7 +67,7 @@ def _check_request(ctx):
     if n < 0:
         raise AgentError("bad_request", "--gpus must be 0 or more")
     settings = ctx.settings
-    if n > 0:
+    if n > 0 and ctx.backend.local_gpus:  # (on Slurm, sbatch says whether it can give them)
         _check_gpu_count(ctx.home, settings, n)
     env = req.get("env") or {}
     if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str)

@@ -1,0 +1,156 @@
+"""Handing one job to Slurm, from the submit verb, once the job is committed (docs/design.md
+"Backends"): its data tree, work dir and environment are built here on the login node, on the
+file system the compute nodes share, by the same code the daemon uses on a tower (prepare.py,
+workdirs.py, builds.py: once per key), then sbatch gets an argv (slurmjobs.submit). While
+something is built the client hears a heartbeat frame {"building": what} every 2 s, so its
+connection never looks dead; if the client goes away the agent carries on (a job committed is
+a job handed on). Whatever stops the job here fails it with one line, and the submit answers
+with that line: Slurm's own reason when sbatch refused it. A lock held while handing on tells
+a later look that an agent still works on the job (slurmbackend.revive). Standard library only,
+Python >= 3.8.
+"""
+import os
+import signal
+import time
+
+from . import db, fsutil, jobproject, runtime, slurmcontainer, slurmjobs, store, workdirs
+from .jobstate import append_log, ended
+from .prepare import Prep
+from .protocol import AgentError
+from .slurmbackend import handoff_lock_path
+
+HEARTBEAT_S = 2.0
+# hosts.yaml's settings that become one sbatch option each (slurm.sbatch_argv)
+OPTION_KEYS = ("partition", "account", "qos", "time", "mem", "cpus_per_gpu", "constraint",
+               "gpu_option", "gpu_type")
+
+
+def hand_off(ctx, job_id):
+    """Prepare job_id and submit it to Slurm. Raises AgentError (the job failed, saying why)."""
+    home, con = ctx.home, ctx.con
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a dropped connection does not stop the hand-off
+    fd = os.open(handoff_lock_path(home, job_id), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fsutil.flock_within(fd, 30.0)
+        if not _prepared(ctx, job_id, _Heartbeat(ctx)):
+            row = db.get(con, job_id)
+            if row["state"] == "cancelled":
+                return
+            raise AgentError("not_prepared", "job %d %s" % (job_id, row["message"] or row["state"]),
+                             "`rtrain logs %d` has the whole output" % job_id)
+        if os.path.exists(home.job(job_id).cancel):
+            _end(con, home, job_id, "cancelled", "cancelled before it reached Slurm")
+            return
+        row = db.get(con, job_id)
+        job = job_spec(ctx, row)
+        try:
+            (sid,) = slurmjobs.submit(home, [job], options(ctx.req.get("slurm") or {}, row))
+        except AgentError as e:
+            why = "Slurm refused it: %s" % e.message if e.code == "sbatch_refused" else e.message
+            _end(con, home, job_id, "failed", why)
+            raise AgentError(e.code, "job %d: %s" % (job_id, why), e.hint or
+                             "check partition, account, qos, time and sbatch_args of this host in "
+                             "hosts.yaml (`rtrain hosts` tries them)")
+        with db.Tx(con):
+            con.execute("UPDATE jobs SET message=? WHERE id=? AND state='queued'",
+                        ("Pending (Slurm job %s)" % sid, job_id))
+        if os.path.exists(home.job(job_id).cancel):  # a cancel came while sbatch ran
+            slurmjobs.cancel(home, [job_id])
+    finally:
+        os.close(fd)
+
+
+def options(settings, row):
+    """slurmjobs.submit's options for a job, from the host's settings (hosts.yaml)."""
+    out = {k: settings[k] for k in OPTION_KEYS if settings.get(k) not in (None, "")}
+    out.update(gpus=row["gpus_requested"], name="rtrain-%d" % row["id"],
+               sbatch_args=list(settings.get("sbatch_args") or ()),
+               # --retries: Slurm runs it again after a preemption or a node failure
+               requeue=True if row["retries"] > 0 else None)
+    return out
+
+
+def job_spec(ctx, row):
+    """{"id", "argv", "vars"} (slurmjobs.prepare): what the wrapper runs, as runner.py would run
+    it on a tower (runtime.py: activation, the job's variables, its shell), or in a container."""
+    home, job_id = ctx.home, row["id"]
+    rt = runtime.read(home, job_id)
+    job_vars = fsutil.read_json(home.job(job_id).env)
+    assignments = runtime.variables(rt, job_vars if isinstance(job_vars, dict) else {}, [])
+    container = ctx.req.get("container")
+    if container:
+        project = jobproject.read(home, job_id) or {}
+        argv = slurmcontainer.command(container, ctx.req.get("slurm") or {}, home.job(job_id).work,
+                                      home.root, project.get("mounts") or (), row["gpus_requested"],
+                                      row["command"])
+    else:
+        argv = runtime.argv(rt, row["command"], os.path.join(home.job(job_id).dir, "env.sh"))
+    return {"id": job_id, "argv": argv, "vars": [list(a) for a in assignments]}
+
+
+class _Heartbeat:
+    """Tells the client what is being built, every HEARTBEAT_S; a client gone is let be."""
+
+    def __init__(self, ctx):
+        self.ctx = ctx
+        self.last = time.monotonic()
+        self.gone = False
+
+    def __call__(self, message):
+        if self.gone or time.monotonic() - self.last < HEARTBEAT_S:
+            return
+        self.last = time.monotonic()
+        try:
+            self.ctx.emit({"building": message or ""})
+        except (OSError, ValueError):
+            self.gone = True
+
+
+def _prepared(ctx, job_id, say):
+    """True once the job's data, work dir and environment are ready (prepare.Prep, as the
+    daemon does it, here in the foreground); False when that failed the job (or it was
+    cancelled meanwhile)."""
+    home, con = ctx.home, ctx.con
+    st = store.Store(home.store)
+    prep = Prep(home, con, st, [], None)
+
+    def workdir_ready(row):
+        if workdirs.ready(home, row["id"]):
+            return True
+        why = workdirs.build(home, row["id"], st)
+        if why is None:
+            return True
+        _end(con, home, row["id"], "failed", "cannot build its work dir: %s" % why)
+        return False
+
+    while True:
+        row = db.get(con, job_id)
+        if row["state"] != "queued":
+            return False
+        if os.path.exists(home.job(job_id).cancel):
+            _end(con, home, job_id, "cancelled", "cancelled before it reached Slurm")
+            return False
+        if prep.ready(row, workdir_ready):
+            return True
+        _reap(prep)
+        say(db.get(con, job_id)["message"])
+        time.sleep(0.1)
+
+
+def _reap(prep):
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        prep.ended(pid)
+
+
+def _end(con, home, job_id, state, why):
+    append_log(home, job_id, "rtrain: %s\n" % why)
+    with db.Tx(con):
+        con.execute("UPDATE jobs SET state=?, ended_at=?, message=? WHERE id=? AND state='queued'",
+                    (state, time.time(), why, job_id))
+    ended(con, home, job_id)
