@@ -15,6 +15,16 @@ Measured, each --runs times, alternating rtrain and bare:
                      again with 2,000 other users' jobs on the cluster (--json lists them all)
 Polls are every --poll seconds on both sides. "rtrain (agent process)" is what an agent call
 adds on the login node: a `python3 -S` start of the zipapp, in a fresh process per call.
+
+And end to end from the laptop, through the real `rtrain` CLI over ssh (the sshd of the tests,
+loopback, a host with `scheduler: slurm`), against what a user does by hand over ssh (OpenSSH
+with a shared connection, ControlMaster: its fastest):
+  submit-to-running  rtrain submit -q, then `rtrain status --json JOB` polls
+                     bare: ssh sbatch --parsable --wrap, then `ssh squeue -h -j ID -o %T` polls
+  end-to-end         rtrain submit -f (follows the log, exits with the job's code: `true`)
+                     bare: ssh sbatch --wrap, ssh squeue polls until COMPLETED
+  status of 200      rtrain status --json over 200 jobs (squeue_format auto, and text)
+                     bare: ssh squeue --json
 Needs root (it starts munged, slurmctld, slurmd). Usage: sudo python3 bench/slurm.py [--runs 10]
 """
 import argparse
@@ -114,6 +124,79 @@ class Bench:
             time.sleep(self.poll)
 
 
+class Cli:
+    """The laptop: the rtrain CLI against the cluster's login node over the tests' sshd."""
+
+    def __init__(self, cluster, tmp, poll):
+        sys.path.insert(0, str(REPO / "tests" / "integration"))
+        import conftest
+        from slurmlogin import Login
+        from support import ALICE
+        conftest._ensure_users()
+        (tmp / "sshd").mkdir()
+        self.sshd = conftest.Sshd(tmp / "sshd")
+        self.login = Login(self.sshd, cluster)
+        self.poll, self.home = poll, "~/.rtrain-bench-%d" % os.getpid()
+        self.src = tmp / "src"
+        self.src.mkdir()
+        self.env = self.sshd.env(known_hosts=self.login.known_hosts)
+        self.rt = {}
+        for fmt in ("auto", "text"):
+            hosts = self.sshd.hosts_yaml(tmp / ("hosts-%s.yaml" % fmt), {"cluster": (
+                ALICE, self.login.port, {"home": self.home, "scheduler": "slurm", "squeue_format": fmt})})
+            self.rt[fmt] = [sys.executable, "-m", "launcher", "--hosts", str(hosts)]
+        self.ssh = ["ssh", "-F", "/dev/null", "-i", str(self.sshd.user_key), "-o", "IdentitiesOnly=yes",
+                    "-o", "UserKnownHostsFile=%s" % self.login.known_hosts, "-o", "BatchMode=yes",
+                    "-o", "ControlMaster=auto", "-o", "ControlPath=%s/cm-%%C" % tmp,
+                    "-o", "ControlPersist=120", "-p", str(self.login.port), "%s@127.0.0.1" % ALICE]
+
+    def cli(self, *args, fmt="auto", check=True):
+        return subprocess.run(self.rt[fmt] + list(args), cwd=str(self.src), env=self.env,
+                              capture_output=True, text=True, check=check).stdout
+
+    def on_login(self, *argv):
+        return subprocess.run(self.ssh + list(argv), capture_output=True, text=True, check=True).stdout
+
+    def rtrain(self, command, until):
+        t0 = time.perf_counter()
+        job = self.cli("submit", "-q", "--", command).strip()
+        while json.loads(self.cli("status", "--json", job))["state"] not in until:
+            time.sleep(self.poll)
+        return time.perf_counter() - t0
+
+    def follow(self, command):
+        t0 = time.perf_counter()
+        self.cli("submit", "-q", "-f", "--", command)
+        return time.perf_counter() - t0
+
+    def bare(self, command, until):
+        t0 = time.perf_counter()
+        jid = self.on_login("sbatch", "--parsable", "-o", "bench-bare-%j.out", "--wrap", command)
+        jid = jid.strip().split(";")[0]
+        while self.on_login("squeue", "-h", "-t", "all", "-j", jid, "-o", "%T").strip() not in until:
+            time.sleep(self.poll)
+        return time.perf_counter() - t0
+
+    def status_200(self, runs):
+        """200 jobs (190 held, 10 that ran) submitted through the agent's own verb, then timed."""
+        req = {"manifest": {"entries": []}, "command": "true", "gpus": 0,
+               "slurm": {"sbatch_args": ["--hold"]}}
+        self.login.ok(self.home, ("agent", {"verb": "submit", "req": req, "times": 190}),
+                      ("agent", {"verb": "submit", "req": dict(req, slurm={}), "times": 10}))
+        deadline = time.time() + 60
+        while time.time() < deadline and sum(
+                j["state"] == "succeeded" for j in json.loads(self.cli("status", "--json"))) < 10:
+            time.sleep(0.5)
+        return {"cli_auto": timed(lambda: self.cli("status", "--json"), runs),
+                "cli_text": timed(lambda: self.cli("status", "--json", fmt="text"), runs),
+                "ssh_json": timed(lambda: self.on_login("squeue", "--json"), runs),
+                "ssh_text": timed(lambda: self.on_login("squeue", "-h", "-t", "all", "-o", "%i|%T|%r"), runs)}
+
+    def stop(self):
+        self.on_login("sh", "-c", "rm -rf ~/.rtrain-bench-* ~/bench-bare-*.out")
+        self.sshd.stop()
+
+
 def timed(fn, n=5):
     out = []
     for _ in range(n):
@@ -139,8 +222,9 @@ def main():
         b = Bench(cluster, tmp, args.poll)
         b.rtrain("true", ("succeeded", "failed", "lost"))  # warm up: the cluster's first jobs
         b.bare("true", ("COMPLETED", "FAILED"))             # are slower than the next ones
+        st = {}
         res = {k: [] for k in ("run_rt", "run_agent", "run_bare", "e2e_rt", "e2e_agent", "e2e_bare",
-                               "sub_rt")}
+                               "sub_rt", "run_cli", "run_ssh", "e2e_cli", "e2e_ssh")}
         for i in range(args.runs):
             t, ts, _ = b.rtrain("sleep 2", ("running",))
             res["run_rt"].append(t)
@@ -174,7 +258,6 @@ def main():
                 break
             time.sleep(0.2)
         user = os.environ.get("USER") or "root"
-        st = {}
 
         def measure(tag):
             st[tag] = {
@@ -198,6 +281,26 @@ def main():
         with ThreadPoolExecutor(4) as ex:
             list(ex.map(other, range(2000)))
         measure("200+2000 others")
+        cluster.stop()
+        # through the CLI over ssh, on a fresh cluster (the jobs above stay listed for MinJobAge)
+        cluster = SlurmCluster(tmp / "cluster2")
+        (tmp / "cluster2").mkdir()
+        cluster.start()
+        cli = Cli(cluster, tmp, args.poll)
+        try:
+            cli.follow("true")  # ships the agent
+            cli.bare("true", ("COMPLETED", "FAILED"))
+            for i in range(args.runs):
+                res["run_cli"].append(cli.rtrain("sleep 5", ("running",)))
+                res["run_ssh"].append(cli.bare("sleep 5", ("RUNNING",)))
+                cluster.cancel_all()
+                res["e2e_cli"].append(cli.follow("true"))
+                res["e2e_ssh"].append(cli.bare("true", ("COMPLETED", "FAILED")))
+                print("cli run %d: %s" % (i, {k: round(res[k][-1], 3) for k in (
+                    "run_cli", "run_ssh", "e2e_cli", "e2e_ssh")}), file=sys.stderr)
+            st["200, through the CLI over ssh"] = cli.status_200(args.runs)
+        finally:
+            cli.stop()
     finally:
         cluster.stop()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -215,14 +318,26 @@ def main():
         print("%-40s %10s %10s %7.2fx" % (label, ms(med(res[rt])), ms(p95(res[rt])),
                                           med(res[rt]) / med(res[bare])))
     print("%-40s %10s" % ("  (rtrain submit call itself)", ms(med(res["sub_rt"]))))
+    print("from the laptop, over ssh (bare: OpenSSH with a shared connection)")
+    for label, rt, bare in (("submit-to-running, rtrain CLI", "run_cli", "run_ssh"),
+                            ("submit-to-running, ssh sbatch + squeue", "run_ssh", "run_ssh"),
+                            ("end-to-end, rtrain submit -f", "e2e_cli", "e2e_ssh"),
+                            ("end-to-end, ssh sbatch + squeue", "e2e_ssh", "e2e_ssh")):
+        print("%-40s %10s %10s %7.2fx" % (label, ms(med(res[rt])), ms(p95(res[rt])),
+                                          med(res[rt]) / med(res[bare])))
     for tag, s in st.items():
         print("status of 200 jobs (%s)" % tag)
-        for label, k in (("rtrain status, squeue --json", "rt_json"),
-                         ("rtrain status, text format", "rt_text"),
-                         ("rtrain status, agent process", "agent"),
-                         ("bare squeue --json", "sq_json"),
-                         ("bare squeue -o (this user)", "sq_text")):
-            print("  %-38s %10s %7.2fx" % (label, ms(med(s[k])), med(s[k]) / med(s["sq_json"])))
+        rows = (("rtrain status --json, squeue_format auto", "cli_auto", "ssh_json"),
+                ("rtrain status --json, squeue_format text", "cli_text", "ssh_json"),
+                ("ssh squeue --json", "ssh_json", "ssh_json"),
+                ("ssh squeue -o", "ssh_text", "ssh_json")) if "cli_auto" in s else (
+                ("rtrain status, squeue --json", "rt_json", "sq_json"),
+                ("rtrain status, text format", "rt_text", "sq_json"),
+                ("rtrain status, agent process", "agent", "sq_json"),
+                ("bare squeue --json", "sq_json", "sq_json"),
+                ("bare squeue -o (this user)", "sq_text", "sq_json"))
+        for label, k, base in rows:
+            print("  %-40s %10s %7.2fx" % (label, ms(med(s[k])), med(s[k]) / med(s[base])))
 
 
 if __name__ == "__main__":

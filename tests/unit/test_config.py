@@ -33,7 +33,8 @@ def test_search_order(tmp_path, monkeypatch):
 
 def test_example_file_loads():
     c = config.parse(str(REPO / "hosts.example.yaml"))
-    assert c.default == "tower" and set(c.hosts) == {"local", "tower", "cloud"}
+    assert c.default == "tower" and set(c.hosts) == {"local", "tower", "cloud", "cluster"}
+    assert c.hosts["cluster"].slurm["partition"] == "gpu" and c.hosts["tower"].slurm is None
     assert c.hosts["local"].gpus == ("0",) and c.hosts["cloud"].accept_new_host_key is True
     assert dict(c.hosts["cloud"].env) == {"HF_HOME": "/data/hf-cache"}
 
