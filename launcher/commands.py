@@ -133,7 +133,9 @@ def cmd_cancel(args, session_factory):
             if job["was"] in ("queued", "running"):
                 print("cancelled job %s (%s, was %s)" % (job["id"], job["state"], job["was"]))
             else:
-                print("job %s had already ended (%s)" % (job["id"], job["state"]))
+                print("job %s had already ended (%s)%s" % (job["id"], job["state"], (
+                    "; ended %d process(es) it had left running" % job["ended_leftovers"])
+                    if job.get("ended_leftovers") else ""))
     return code
 
 

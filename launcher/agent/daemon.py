@@ -19,11 +19,12 @@ import sys
 import time
 import traceback
 
-from . import db, fsutil, leases, runner, store
+from . import db, fsutil, jobprocs, leases, runner, store
 from .jobstate import append_log, reconcile
 from .scheduler import Scheduler
 
 IDLE_EXIT_S = float(os.environ.get("RTRAIN_DAEMON_IDLE_S", "600"))
+OTHERS_WAKE_GAP_S = 0.05
 
 
 # ---------------------------------------------------------------- waking the daemon
@@ -89,11 +90,17 @@ def spawn(home, argv):
     try:
         p = subprocess.Popen(list(argv) + ["daemon"], stdin=subprocess.PIPE, stdout=log, stderr=log,
                              start_new_session=True, close_fds=True,
-                             env=dict(os.environ, RTRAIN_HOME=home.root))
+                             env=_daemon_env(home))
         p.stdin.write(json.dumps({"home": home.root}).encode() + b"\n")
         p.stdin.close()
     finally:
         os.close(log)
+
+
+def _daemon_env(home):
+    env = dict(os.environ, RTRAIN_HOME=home.root)
+    env.pop(jobprocs.TAG_VAR, None)  # started from inside a job: the daemon is not that job's
+    return env
 
 
 # ---------------------------------------------------------------- the daemon
@@ -173,6 +180,10 @@ class Daemon(Scheduler):
                 ready, _, _ = select.select(fds, [], [], timeout)
                 for fd in ready:
                     _drain(fd)
+                if ready and rfd not in ready:
+                    # woken through the shared lock dir alone, which anyone can write to: a
+                    # flood of such wake-ups must not turn into a busy loop
+                    time.sleep(OTHERS_WAKE_GAP_S)
         finally:
             if rfd is not None:
                 self._close_fifo(rfd, keep)

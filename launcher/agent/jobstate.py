@@ -2,10 +2,9 @@
 marked lost. Safe from any agent process (the daemon, `status`, `logs`, `cancel`): each change
 is one transaction that re-reads the row first."""
 import os
-import signal
 import time
 
-from . import db, fsutil, runner, workdirs
+from . import db, fsutil, jobprocs, runner, workdirs
 
 
 def finalize_exited(con, home):
@@ -49,6 +48,19 @@ def _requeue(con, home, row, why):
     append_log(home, job_id, "rtrain: %s\n" % why)
     con.execute("UPDATE jobs SET state='queued', gpus='[]', wrapper_pid=NULL, wrapper_start=NULL,"
                 " message=? WHERE id=?", (why, job_id))
+
+
+def end_leftovers(home, job_id, only_look=False):
+    """The processes of a job whose wrapper is gone that still run (jobprocs.py): ended (or,
+    with only_look, just found). Returns their pids."""
+    pids = runner.read_pids(home, job_id)
+    if not pids or pids.get("boot_id") != fsutil.boot_id():
+        return set()
+    job_tag = pids.get("tag") or jobprocs.tag(home.root, job_id)
+    left = jobprocs.find(job_tag, pids)
+    if left and not only_look:
+        jobprocs.end_all(job_tag, pids)
+    return left
 
 
 def append_log(home, job_id, text):
@@ -103,14 +115,8 @@ def _adopt_or_requeue(con, home, row):
 
 
 def _lose(con, home, row):
-    # The wrapper is gone. If its process group outlived it (same boot, same start time), end it.
-    pids = runner.read_pids(home, row["id"])
-    if pids.get("pgid") and pids.get("boot_id") == fsutil.boot_id() and \
-            fsutil.alive(pids["pgid"], pids.get("pgid_start")):
-        try:
-            os.killpg(pids["pgid"], signal.SIGKILL)
-        except OSError:
-            pass
+    # The wrapper is gone. If processes of the job outlived it (this boot), end them all.
+    end_leftovers(home, row["id"])
     with db.Tx(con):
         row = db.get(con, row["id"])
         if row["state"] != "running":

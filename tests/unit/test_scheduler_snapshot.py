@@ -99,10 +99,10 @@ def test_daemon_asks_nvidia_smi_again_only_when_its_snapshot_cannot_be_trusted(t
     d._units(cfg, lock_dir)
     d._units(cfg, lock_dir)
     assert len(calls) == 1
-    os.close(a)                                  # our job ended: its GPU is free, no new query
+    a.release()                                  # our job ended: its GPU is free, no new query
     d._units(cfg, lock_dir)
     assert len(calls) == 1
-    os.close(b)                                  # theirs ended: B was busy, so ask again
+    b.release()                                  # theirs ended: B was busy, so ask again
     d._units(cfg, lock_dir)
     assert len(calls) == 2
     clock[0] += scheduler.SNAPSHOT_MAX_AGE_S     # too old: ask again

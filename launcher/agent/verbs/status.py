@@ -3,7 +3,8 @@ import os
 import signal
 import time
 
-from .. import daemon, db, fsutil, jobstate, runner
+from .. import daemon, db, fsutil, jobprocs, jobstate, runner
+from .context import TERMINAL
 
 
 def status(ctx):
@@ -15,7 +16,7 @@ def status(ctx):
     ids = req.get("ids")
     hidden = 0
     if ids:
-        jobs = [ctx.public(ctx.job_row(i)) for i in ids]
+        jobs = [_with_leftovers(ctx, ctx.public(ctx.job_row(i))) for i in ids]
     else:
         where, args = [], []
         if req.get("states"):
@@ -53,13 +54,14 @@ def cancel(ctx):
         if row["state"] == "cancelled":
             return {"job": ctx.public(row), "was": "queued"}
     if row["state"] != "running":
-        return {"job": ctx.public(row), "was": row["state"]}
+        # an ended job may have left processes running (setsid...) that hold its GPUs: end them
+        left = jobstate.end_leftovers(ctx.home, job_id) if row["state"] in TERMINAL else ()
+        return {"job": ctx.public(row), "was": row["state"], "ended_leftovers": len(left)}
     open(ctx.home.job(job_id).cancel, "w").close()
-    pids = runner.read_pids(ctx.home, job_id)
     if row["wrapper_pid"] and fsutil.alive(row["wrapper_pid"], row["wrapper_start"]):
-        _signal(row["wrapper_pid"], signal.SIGTERM, group=False)
-    elif pids.get("pgid") and fsutil.alive(pids["pgid"], pids.get("pgid_start")):
-        _signal(pids["pgid"], signal.SIGTERM, group=True)
+        _signal(row["wrapper_pid"], signal.SIGTERM, group=False)  # it ends them all (runner.py)
+    else:
+        jobstate.end_leftovers(ctx.home, job_id)  # no wrapper to do it: the daemon marks it lost
     deadline = time.time() + float(ctx.req.get("wait", 3.0))
     while time.time() < deadline:
         if runner.read_exit(ctx.home, job_id) is not None:
@@ -67,6 +69,15 @@ def cancel(ctx):
         time.sleep(0.02)
     jobstate.finalize_exited(con, ctx.home)
     return {"job": ctx.public(db.get(con, job_id)), "was": "running"}
+
+
+def _with_leftovers(ctx, job):
+    """A job that ended but left processes running (they keep its GPUs): say which."""
+    if job["state"] in TERMINAL:
+        left = jobstate.end_leftovers(ctx.home, job["id"], only_look=True)
+        if left:
+            job["leftovers"] = jobprocs.describe(left)
+    return job
 
 
 def _signal(pid, sig, group):
