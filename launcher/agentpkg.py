@@ -27,12 +27,33 @@ if sys.version_info < (3, 8):
     sys.exit(1)
 
 import os  # noqa: E402
+import stat  # noqa: E402
+
+
+# True if d is there: a real folder of ours (or root's) that nobody else can write; False if
+# it is not there. Anything else ends the call with one JSON error reply: Python would import
+# whatever another user put in it (agentboot.py checked the path up to here).
+def _checked(d):
+    try:
+        st = os.lstat(d)
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid not in (0, os.geteuid()) or st.st_mode & 0o022:
+        import json
+        sys.stdout.write(json.dumps({"protocol": 1, "ok": False, "error": {
+            "code": "unsafe_home", "message": "%s (the unpacked agent) is not a folder of yours "
+            "that only you can write: another user could make rtrain run their code as you" % d,
+            "hint": "remove it (rm -rf %s): rtrain unpacks the agent again" % d}}) + "\\n")
+        sys.stdout.flush()
+        sys.exit(1)
+    return True
 
 
 def _unpacked(pyz):
     d = (pyz[:-4] if pyz.endswith(".pyz") else pyz) + ".d"
-    if os.path.isdir(os.path.join(d, "rtrain_agent")):
+    if _checked(d) and _checked(os.path.join(d, "rtrain_agent")):
         return d
+    old = os.umask(0o077)  # private, whatever the user's umask: files, folders, __pycache__
     try:
         import shutil
         import tempfile
@@ -43,13 +64,18 @@ def _unpacked(pyz):
                 for name in z.namelist():
                     if name.startswith("rtrain_agent/"):
                         z.extract(name, tmp)
+                        cache = os.path.join(tmp, os.path.dirname(name), "__pycache__")
+                        if not os.path.isdir(cache):
+                            os.mkdir(cache, 0o700)
             os.rename(tmp, d)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     except Exception:
         pass
-    return d if os.path.isdir(os.path.join(d, "rtrain_agent")) else None
+    finally:
+        os.umask(old)
+    return d if _checked(d) and _checked(os.path.join(d, "rtrain_agent")) else None
 
 
 _d = _unpacked(os.path.dirname(os.path.abspath(__file__)))
@@ -59,6 +85,18 @@ from rtrain_agent.main import main  # noqa: E402
 main()
 """
 _cache = {}
+_BOOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "agentboot.py")
+
+
+def boot_argv(python, path, verb):
+    """How the client starts the agent at `path` on a host: through the fixed bootstrap
+    (agentboot.py), which checks the path and the agent's full hash before it runs a byte of
+    it. One argv line (no newline in it, whatever shell the host's sshd starts): the
+    bootstrap's text goes as a Python string literal to exec."""
+    if "boot" not in _cache:
+        with open(_BOOT) as f:
+            _cache["boot"] = "exec(%r)" % f.read()
+    return [python, "-S", "-I", "-c", _cache["boot"], build()[1], path, verb]
 
 
 def _sources():

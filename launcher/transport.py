@@ -106,16 +106,22 @@ class LocalTransport(Transport):
     def agent_home(self):
         return self.home
 
+    def agent_path_unchecked(self, digest):
+        """Where ensure_agent puts the agent; it is shipped when the bootstrap does not find it
+        there (agentclient.py), as over SSH."""
+        return os.path.join(self.home, "agent", "agent-%s.pyz" % digest[:16])
+
     def ensure_agent(self, blob, digest):
-        d = os.path.join(self.home, "agent")
-        path = os.path.join(d, "agent-%s.pyz" % digest[:16])
-        if not os.path.exists(path):
+        path = self.agent_path_unchecked(digest)
+        d = os.path.dirname(path)
+        if not os.path.isdir(d):
             os.makedirs(d, mode=0o700, exist_ok=True)
             os.chmod(self.home, 0o700)
-            tmp = "%s.tmp%d" % (path, os.getpid())
-            with open(tmp, "wb") as f:
-                f.write(blob)
-            os.replace(tmp, path)
+        tmp = "%s.tmp%d" % (path, os.getpid())
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(blob)
+        os.replace(tmp, path)
         return path
 
     def start(self, argv, env=None):
