@@ -136,7 +136,7 @@ class AgentClient:
                 err = proc.stderr().strip()
             except Exception:  # noqa: BLE001 - the write's error stands
                 raise e
-            if self._unverified and _missing_signature(rc, err):
+            if _missing_signature(rc, err, self._unverified):
                 raise _AgentMissing()
             if rc is not None and rc >= 0:
                 raise self._no_reply(rc, err, verb)
@@ -239,7 +239,7 @@ class AgentClient:
         if not line:
             rc = proc.wait()
             err = proc.stderr().strip()
-            if self._unverified and _missing_signature(rc, err):
+            if _missing_signature(rc, err, self._unverified):
                 raise _AgentMissing()
             raise self._no_reply(rc, err, verb)
         try:
@@ -301,7 +301,11 @@ def _readline_quietly(proc):
         return b""
 
 
-def _missing_signature(rc, err):
-    # the bootstrap (agentboot.py) says so, exit 2, as python3 does for a script it cannot find
-    return rc == 2 and "can't open file" in err and "agent-" in err
+def _missing_signature(rc, err, unverified=True):
+    """The agent is not on the host: the bootstrap (agentboot.py) says so, exit 2, as python3
+    does for a script it cannot find. Where the path was checked when it was named (shipped
+    already), only a file the bootstrap found wrong (and removed) counts."""
+    if rc != 2 or "can't open file" not in err or "agent-" not in err:
+        return False
+    return unverified or "rtrain-agent-missing:" in err
 

@@ -106,14 +106,13 @@ class LocalTransport(Transport):
     def agent_home(self):
         return self.home
 
-    def agent_path_unchecked(self, digest):
-        """Where ensure_agent puts the agent; it is shipped when the bootstrap does not find it
-        there (agentclient.py), as over SSH."""
-        return os.path.join(self.home, "agent", "agent-%s.pyz" % digest[:16])
-
     def ensure_agent(self, blob, digest):
-        path = self.agent_path_unchecked(digest)
-        d = os.path.dirname(path)
+        """The agent file, written (0600) if it is not there; the bootstrap checks its bytes
+        on every call and removes it if they are wrong (agentboot.py)."""
+        d = os.path.join(self.home, "agent")
+        path = os.path.join(d, "agent-%s.pyz" % digest[:16])
+        if os.path.exists(path):
+            return path
         if not os.path.isdir(d):
             os.makedirs(d, mode=0o700, exist_ok=True)
             os.chmod(self.home, 0o700)

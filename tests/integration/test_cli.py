@@ -153,7 +153,7 @@ def test_a_submit_whose_replies_are_all_lost_says_to_check_status(world, tmp_pat
 def test_a_submit_dropped_before_the_agent_had_it_queues_nothing(world, tmp_path):
     hosts, marker, env = _wrapped(world, "drop-once", tmp_path)
     p = world.run("--hosts", hosts, "submit", "-q", "--", "python3", "train.py", env=env, check=False)
-    one_error(p, "most likely not queued", "rtrain status", anywhere=True)
+    one_error(p, "queued no job from this submit", "submit again", anywhere=True)
     assert p.stderr.count("retrying") == 1, p.stderr  # the host answered the first retry
     assert all_jobs(world) == []
     # and submitting again works
