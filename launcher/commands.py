@@ -16,6 +16,9 @@ def _parse_env(pairs):
             raise RtrainError("--env %r is not K=V" % p, "write it as --env NAME=value")
         k, v = p.split("=", 1)
         env[k] = v
+    from .agent.settings import env_problem
+    if env_problem(env):
+        raise RtrainError("--env: %s" % env_problem(env), "write it as --env NAME=value")
     return env
 
 

@@ -19,7 +19,7 @@ import sys
 import time
 import traceback
 
-from . import db, fsutil, jobprocs, leases, runner, store
+from . import db, fsutil, jobprocs, leases, logind, runner, store
 from .jobstate import append_log, reconcile
 from .scheduler import Scheduler
 
@@ -116,6 +116,8 @@ class Daemon(Scheduler):
 
     def serve(self):
         """The daemon's loop. Returns when idle for IDLE_EXIT_S, or at once if another daemon runs."""
+        if self._moved_into_scope():
+            return 0
         lock = os.open(self.home.daemon_lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         if not _lock_soon(lock):
             os.close(lock)
@@ -188,6 +190,34 @@ class Daemon(Scheduler):
             if rfd is not None:
                 self._close_fifo(rfd, keep)
             self._stop_listening()
+
+    def _moved_into_scope(self):
+        """Start this daemon again in a scope of the user's systemd manager, out of the ssh
+        session logind may end (logind.py), and leave the lock to it: True once it holds it.
+        False where there is no user manager, or it could not be done: this one serves."""
+        argv = logind.scope_argv(list(self.agent_argv) + ["daemon"],
+                                 "rtrain-daemon-" + jobprocs.tag(self.home.root, os.getpid()))
+        if argv is None:
+            return False
+        try:
+            p = subprocess.Popen(argv, stdin=subprocess.PIPE, close_fds=True,
+                                 env=dict(_daemon_env(self.home), **{logind.IN_SCOPE_VAR: "1"}))
+            p.stdin.write(json.dumps({"home": self.home.root}).encode() + b"\n")
+            p.stdin.close()
+        except OSError:
+            return False
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if p.poll() is not None:
+                if p.returncode == 0:
+                    return True  # it served and is done already
+                sys.stderr.write("rtrain: could not start the daemon in a systemd user scope "
+                                 "(%s exited %d); it runs in the ssh session\n" % (argv[0], p.returncode))
+                return False
+            if running(self.home):
+                return True
+            time.sleep(0.02)
+        return False
 
     def _close_fifo(self, rfd, keep):
         for fd in (rfd, keep):

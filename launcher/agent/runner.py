@@ -173,7 +173,7 @@ def _wrap(home, job, lock_fds, poke, state, grace=10):
             "cancelled": state["cancelled"], "message": e.message})
         poke()
         return _durable(home, job_id, reserved)
-    except OSError as e:
+    except (OSError, ValueError) as e:  # ValueError: a variable subprocess refuses
         _log(log_fd, "rtrain: cannot start the job: %s\n" % e)
         _write_exit(home, job_id, reserved, {
             "exit_code": 127, "signal": None, "ended_at": time.time(), "cancelled": state["cancelled"]})

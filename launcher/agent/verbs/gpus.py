@@ -3,6 +3,7 @@ import json
 import os
 
 from .. import gpus, jobprocs, leases
+from ..protocol import AgentError
 
 
 def gpus_verb(ctx):
@@ -17,9 +18,12 @@ def gpus_verb(ctx):
         found = e.kind != "not_found"
         error = {"kind": e.kind, "message": e.message} if found else None
     mine = {}
-    for row in ctx.con.execute("SELECT id, gpus FROM jobs WHERE state='running'").fetchall():
-        for u in json.loads(row["gpus"]):
-            mine[u] = row["id"]
+    try:
+        for row in ctx.con.execute("SELECT id, gpus FROM jobs WHERE state='running'").fetchall():
+            for u in json.loads(row["gpus"]):
+                mine[u] = row["id"]
+    except AgentError:
+        pass  # a damaged job database: `hello` says so; the GPUs can still be shown
     held = leases.holders(lock_dir, [u["uuid"] for u in units])
     left = _leftovers(ctx, lock_dir, [uuid for uuid, h in held.items()
                                       if h["uid"] == os.getuid() and uuid not in mine])

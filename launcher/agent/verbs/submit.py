@@ -15,6 +15,7 @@ import uuid as uuidlib
 from .. import db, fsutil, gpus, inventory, paths, store
 from ..manifest import ManifestError, check_entries
 from ..protocol import AgentError
+from ..settings import env_problem
 
 
 def submit(ctx):
@@ -137,9 +138,10 @@ def _check_request(ctx):
     if n > 0:
         _check_gpu_count(ctx.home, settings, n)
     env = req.get("env") or {}
-    if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str)
-                                            for k, v in env.items()):
-        raise AgentError("bad_request", "env must map names to strings")
+    if not isinstance(env, dict) or env_problem(env):
+        raise AgentError("bad_request", "env: %s" % (env_problem(env) if isinstance(env, dict)
+                                                     else "not a mapping of names to strings"),
+                         "fix `env:` in hosts.yaml or --env")
     git = (req.get("manifest") or {}).get("git") or {}
     return {
         "name": req.get("name") or _default_name(command), "command": command, "gpus": n,
