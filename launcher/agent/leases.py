@@ -254,6 +254,9 @@ def holders(lock_dir, uuids):
             st = None
         if st is not None and not stat.S_ISREG(st.st_mode):
             info["note"] = "its lease file is %s (%s's)" % (_kind(st.st_mode), user_name(st.st_uid))
+        elif st is not None and not os.access(path, os.R_OK):
+            info["note"] = "its lease file cannot be opened (Permission denied; %s's)" % (
+                user_name(st.st_uid))
         elif st is not None and info["how"] is None:
             if locked is None:
                 locked = _flock_holders()
