@@ -126,12 +126,12 @@ def _own_pids():
 
 
 def _stat(pid):
-    """(state, pgid, sid) of pid, or None."""
+    """(state, pgid, sid, start time in clock ticks) of pid, or None."""
     try:
         with open("/proc/%d/stat" % pid, "rb") as f:
             data = f.read()
         rest = data[data.rfind(b")") + 2:].split()
-        return rest[0].decode("ascii", "replace"), int(rest[2]), int(rest[3])
+        return rest[0].decode("ascii", "replace"), int(rest[2]), int(rest[3]), int(rest[19])
     except (OSError, ValueError, IndexError):
         return None
 
@@ -159,6 +159,10 @@ def find(job_tag, pids=None, skip_pgid=None):
     groups = {pids.get("pgid")} - {None}
     sessions = {pids.get("sid")} - {None}
     inside = cgroup_pids(pids["cgroup"]) if pids.get("cgroup") else set()
+    try:  # a process that started before the job's first one is none of its descendants
+        since = int(pids.get("pgid_start") or 0)
+    except (TypeError, ValueError):
+        since = 0
     found = set()
     for pid in set(_own_pids()) | inside:
         if pid == me:
@@ -166,7 +170,8 @@ def find(job_tag, pids=None, skip_pgid=None):
         st = _stat(pid)
         if st is None or st[0] in ("Z", "X") or st[1] == skip_pgid:
             continue
-        if pid in inside or st[1] in groups or st[2] in sessions or environ_tag(pid) == job_tag:
+        if pid in inside or st[1] in groups or st[2] in sessions or \
+                (st[3] >= since and environ_tag(pid) == job_tag):
             found.add(pid)
     return found
 

@@ -179,10 +179,11 @@ def _wrap(home, job, lock_fds, poke, state, grace=10):
             "exit_code": 127, "signal": None, "ended_at": time.time(), "cancelled": state["cancelled"]})
         poke()
         return _durable(home, job_id, reserved)
-    state["procs"] = {"pgid": child.pid, "sid": os.getsid(0), "cgroup": cgroup}
+    state["procs"] = {"pgid": child.pid, "sid": os.getsid(0), "cgroup": cgroup,
+                      "pgid_start": fsutil.proc_start_time(child.pid)}
     _write_best_effort(home.job(job_id).pids, dict(state["procs"], **{
         "wrapper_pid": os.getpid(), "wrapper_start": fsutil.proc_start_time(os.getpid()),
-        "pgid_start": fsutil.proc_start_time(child.pid), "tag": state["tag"],
+        "tag": state["tag"],
         "boot_id": fsutil.boot_id(), "started_at": time.time()}))
     state["child"] = child.pid
     if state["cancelled"]:
