@@ -49,17 +49,7 @@ def poke(home, spawn_argv=None):
 
 def running(home):
     """True if a daemon holds the lock for this home."""
-    try:
-        fd = os.open(home.daemon_lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
-    except OSError:
-        return True
-    finally:
-        os.close(fd)
+    return fsutil.flock_held(home.daemon_lock, create=True)
 
 
 def daemon_info(home):

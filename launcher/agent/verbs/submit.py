@@ -101,19 +101,7 @@ def _unclaim(claim):
 
 def _claimed(home, token):
     path = _claim_path(home, token)
-    if path is None:
-        return False
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0))
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
-    except OSError:
-        return True
-    finally:
-        os.close(fd)
+    return path is not None and fsutil.flock_held(path)
 
 
 def _by_token(ctx, token):
