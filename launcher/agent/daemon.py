@@ -129,6 +129,7 @@ class Daemon(Scheduler):
                 pass
 
         rfd = keep = None
+        others_woke = 0.0
         try:
             while True:
                 if rfd is None:
@@ -174,8 +175,12 @@ class Daemon(Scheduler):
                     _drain(fd)
                 if ready and rfd not in ready:
                     # woken through the shared lock dir alone, which anyone can write to: a
-                    # flood of such wake-ups must not turn into a busy loop
-                    time.sleep(OTHERS_WAKE_GAP_S)
+                    # flood of such wake-ups must not turn into a busy loop (the first is
+                    # served at once)
+                    now = time.monotonic()
+                    if now - others_woke < OTHERS_WAKE_GAP_S:
+                        time.sleep(OTHERS_WAKE_GAP_S - (now - others_woke))
+                    others_woke = time.monotonic()
         finally:
             if rfd is not None:
                 self._close_fifo(rfd, keep)
