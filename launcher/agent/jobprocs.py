@@ -136,6 +136,17 @@ def _stat(pid):
         return None
 
 
+def _authentic(num, start):
+    """The job's group (or session) id `num` still names the job's: no process has that pid
+    now (it lives on only as the id of the job's other processes, which keeps the kernel from
+    giving it out again), or the one that has it is the job's own leader (same start time).
+    Otherwise the number was given to a new process, whose group is not the job's."""
+    if not num:
+        return False
+    st = _stat(num)
+    return st is None or (start is not None and str(st[3]) == str(start))
+
+
 def environ_tag(pid):
     try:
         with open("/proc/%d/environ" % pid, "rb") as f:
@@ -151,13 +162,12 @@ def environ_tag(pid):
 
 def find(job_tag, pids=None, skip_pgid=None):
     """The live processes of the job: in its cgroup, carrying its marker, or in its process
-    group or session (pids: its pid.json; the kernel reuses no pid that is still some live
-    process's group or session id). Never this process; zombies don't count, nor processes of
-    group skip_pgid (being killed)."""
+    group or session (pids: its pid.json, see _authentic). Never this process; zombies don't
+    count, nor processes of group skip_pgid (being killed)."""
     pids = pids or {}
     me = os.getpid()
-    groups = {pids.get("pgid")} - {None}
-    sessions = {pids.get("sid")} - {None}
+    groups = {pids["pgid"]} if _authentic(pids.get("pgid"), pids.get("pgid_start")) else set()
+    sessions = {pids["sid"]} if _authentic(pids.get("sid"), pids.get("sid_start")) else set()
     inside = cgroup_pids(pids["cgroup"]) if pids.get("cgroup") else set()
     try:  # a process that started before the job's first one is none of its descendants
         since = int(pids.get("pgid_start") or 0)

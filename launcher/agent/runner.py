@@ -180,7 +180,8 @@ def _wrap(home, job, lock_fds, poke, state, grace=10):
         poke()
         return _durable(home, job_id, reserved)
     state["procs"] = {"pgid": child.pid, "sid": os.getsid(0), "cgroup": cgroup,
-                      "pgid_start": fsutil.proc_start_time(child.pid)}
+                      "pgid_start": fsutil.proc_start_time(child.pid),
+                      "sid_start": fsutil.proc_start_time(os.getsid(0))}
     _write_best_effort(home.job(job_id).pids, dict(state["procs"], **{
         "wrapper_pid": os.getpid(), "wrapper_start": fsutil.proc_start_time(os.getpid()),
         "tag": state["tag"],

@@ -2,17 +2,19 @@
 job that ends normally but leaves daemonized children holding its GPU says so (status, gpus,
 its log) until `cancel` ends them. On the built-in `local` host, through the real CLI."""
 import json
-import os
 import time
 
 # A job that leaves its process group three ways, each child holding the job's descriptors
 # (its GPU lease among them), and writes their pids down.
 ESCAPE = """
 setsid sleep 301 < /dev/null > /dev/null 2>&1 &
-echo $! >> pids
-( sleep 302 < /dev/null > /dev/null 2>&1 & echo $! >> pids ) &
-setsid sh -c 'sleep 303 & echo $! >> pids; wait' < /dev/null > /dev/null 2>&1 &
-while [ "$(wc -l < pids)" -lt 3 ]; do sleep 0.05; done
+echo $! > pid.a
+( sleep 302 < /dev/null > /dev/null 2>&1 & echo $! > pid.b ) &
+setsid sh -c 'sleep 303 & echo $! > pid.c; wait' < /dev/null > /dev/null 2>&1 &
+until [ -s pid.a ] && [ -s pid.b ] && [ -s pid.c ]; do sleep 0.02; done
+for p in $(cat pid.a pid.c); do  # until both really are in sessions of their own
+    while [ "$(cut -d' ' -f6 /proc/$p/stat)" = "$(cut -d' ' -f6 /proc/$$/stat)" ]; do sleep 0.02; done
+done
 """
 
 
@@ -34,13 +36,16 @@ def _wait_state(world, job, state, timeout=20):
     raise AssertionError("job %s never %s: %s" % (job, state, j))
 
 
-def _pids(world, job, n=3):
-    f = world.home / "jobs" / job / "work" / "pids"
+def _pids(world, job):
+    """The pids the job wrote down: its setsid child, its double-forked one, the child of its
+    setsid shell."""
+    work = world.home / "jobs" / job / "work"
     deadline = time.time() + 10
     while time.time() < deadline:
-        if f.exists() and len(f.read_text().split()) >= n:
-            return [int(x) for x in f.read_text().split()]
-        time.sleep(0.05)
+        try:
+            return [int((work / ("pid." + x)).read_text()) for x in "abc"]
+        except (OSError, ValueError):
+            time.sleep(0.05)
     raise AssertionError("no pids from job %s" % job)
 
 

@@ -118,13 +118,13 @@ def test_a_home_another_user_made_is_refused_and_nothing_in_it_runs(tmp_path):
     planted.mkdir(parents=True)
     (planted / "__init__.py").write_text("")
     (planted / "main.py").write_text("def main():\n    open(%r, 'w').write('x')\n" % str(marker))
-    for d, dirs, files in os.walk(str(home)):
+    for d, _dirs, files in os.walk(str(home)):
         for n in [d] + [os.path.join(d, f) for f in files]:
             os.chown(n, NOBODY, NOBODY)
     e = _refused(_call(path), str(home), "belongs to nobody", "home:")
     assert not marker.exists(), e
     # the same planted folder in a home of ours that someone else made the .d of
-    for d, dirs, files in os.walk(str(home)):
+    for d, _dirs, files in os.walk(str(home)):
         os.chown(d, 0, 0)
         for f in files:
             os.chown(os.path.join(d, f), 0, 0)

@@ -1,7 +1,6 @@
 """The daemon keeps nvidia-smi off the hand-off path: the compute processes of our own running
 jobs (by session id) are ours, so the GPU a job of ours just left is free in the snapshot the
 daemon already holds; anyone else's process still makes a GPU busy."""
-import os
 import subprocess
 import sys
 
