@@ -2,8 +2,9 @@
 #
 # The client never runs the agent file directly: a planted agent-HASH.pyz would run as the user
 # before any check inside it could. It runs THIS fixed file instead, its text passed with
-# `python3 -S -I -c` (agentpkg.boot_argv), with the agent's full sha256, its path and the verb:
-#     python3 -S -I -c 'exec(...)' SHA256 HOME/agent/agent-HASH16.pyz VERB
+# `python3 -S -I -c` (agentpkg.boot_argv: comment lines left out, compressed), with the agent's
+# full sha256, its path and the verb:
+#     python3 -S -I -c 'import zlib,binascii;exec(...)' SHA256 HOME/agent/agent-HASH16.pyz VERB
 # Before a byte of the agent runs, it checks that no other user can have written or swapped
 # anything on the way to it (every directory above the home: owned by root or the user, and not
 # writable by others unless sticky; the home, its agent/ folder and the agent file: owned by the

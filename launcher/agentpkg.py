@@ -9,6 +9,9 @@ _PKG = "rtrain_agent"
 # bytecode there): about 40 ms per agent call. So the first run unpacks the package next to the
 # zip (agent-HASH.d/, atomically: temp dir + rename), where Python keeps its __pycache__, and
 # every run imports from there. If that cannot be done (read-only home...), it runs from the zip.
+# That folder is used only if it is ours (or root's) and nobody else can write it (else one
+# `unsafe_home` reply), and it is unpacked with umask 077, its __pycache__ folders made first:
+# Python would import anything planted there (docs/design.md "Stdlib agent").
 # It first checks the Python version: this file must itself stay valid Python 3.0 syntax, so
 # that an older python3 on a host answers with one JSON reply instead of failing somewhere odd.
 _MAIN = b"""\
