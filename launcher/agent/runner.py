@@ -146,8 +146,6 @@ def _wrap(home, job, lock_fds, poke, state, grace=10):
                          0o600)
     except OSError:
         log_fd = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
-    env = job_env(os.environ, job_id, job["gpus"], job.get("env"))
-    env[jobprocs.TAG_VAR] = state["tag"]  # inherited by every descendant (jobprocs.py)
     reserved = _reserve_exit(home.job(job_id).exit_pending)
     if os.path.exists(home.job(job_id).cancel):
         state["cancelled"] = True
@@ -159,7 +157,9 @@ def _wrap(home, job, lock_fds, poke, state, grace=10):
             poke()
             return _durable(home, job_id, reserved)
         # the job's variables expanded, its environment activated, its shell (runtime.py)
-        argv, env = runtime.job_process(home, job, fixed_vars(job_id, job["gpus"]))
+        # with the tag every descendant inherits (jobprocs.py)
+        fixed = fixed_vars(job_id, job["gpus"]) + [(jobprocs.TAG_VAR, state["tag"])]
+        argv, env = runtime.job_process(home, job, fixed)
         if job.get("container"):
             argv, env, state["container"] = _container_command(home, job)
         cgroup = _enter_cgroup(state["tag"])
