@@ -185,6 +185,7 @@ class Slurm:
         from .verbs import hello as hello_verb
         out = hello_verb.hello(ctx)
         out["daemon_running"] = False
+        out["logind"] = None  # no job runs on the login node: logout does not end them
         out["slurm"] = slurmcheck.report(ctx, self.settings)
         return out
 
