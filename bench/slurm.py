@@ -30,6 +30,7 @@ Needs root (it starts munged, slurmctld, slurmd). Usage: sudo python3 bench/slur
 import argparse
 import json
 import os
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -155,7 +156,11 @@ class Cli:
                               capture_output=True, text=True, check=check).stdout
 
     def on_login(self, *argv):
-        return subprocess.run(self.ssh + list(argv), capture_output=True, text=True, check=True).stdout
+        # ssh joins its arguments into one shell command: quote each
+        p = subprocess.run(self.ssh + [" ".join(shlex.quote(a) for a in argv)], capture_output=True, text=True)
+        if p.returncode != 0:
+            raise RuntimeError("ssh %s -> %d: %s" % (" ".join(argv), p.returncode, p.stderr))
+        return p.stdout
 
     def rtrain(self, command, until):
         t0 = time.perf_counter()
@@ -187,13 +192,19 @@ class Cli:
         while time.time() < deadline and sum(
                 j["state"] == "succeeded" for j in json.loads(self.cli("status", "--json"))) < 10:
             time.sleep(0.5)
-        return {"cli_auto": timed(lambda: self.cli("status", "--json"), runs),
+        return {"ssh_new": timed(lambda: subprocess.run(
+                    self.ssh[:-1] + ["-o", "ControlMaster=no", "-o", "ControlPath=none", self.ssh[-1], "true"],
+                    capture_output=True, check=True), runs),
+                "cli_version": timed(lambda: subprocess.run(self.rt["auto"][:3] + ["--version"],
+                                                            capture_output=True, check=True), runs),
+                "cli_auto": timed(lambda: self.cli("status", "--json"), runs),
                 "cli_text": timed(lambda: self.cli("status", "--json", fmt="text"), runs),
                 "ssh_json": timed(lambda: self.on_login("squeue", "--json"), runs),
                 "ssh_text": timed(lambda: self.on_login("squeue", "-h", "-t", "all", "-o", "%i|%T|%r"), runs)}
 
     def stop(self):
         self.on_login("sh", "-c", "rm -rf ~/.rtrain-bench-* ~/bench-bare-*.out")
+        subprocess.run(self.ssh[:-1] + ["-O", "exit", self.ssh[-1]], capture_output=True)
         self.sshd.stop()
 
 
@@ -237,7 +248,7 @@ def main():
             res["e2e_rt"].append(t)
             res["e2e_bare"].append(b.bare("true", ("COMPLETED", "FAILED")))
             res["e2e_agent"].append(b.rtrain_agent("true", ("succeeded", "failed", "lost")))
-            print("run %d: %s" % (i, {k: round(v[-1], 3) for k, v in res.items()}), file=sys.stderr)
+            print("run %d: %s" % (i, {k: round(v[-1], 3) for k, v in res.items() if v}), file=sys.stderr)
         # status of 200 jobs: 100 held tasks of one array, 90 held jobs, 10 finished jobs
         held = b.new_jobs(100, "true")
         slurmjobs.submit(b.home, held, {"sbatch_args": ["--hold"]}, env=b.env)
@@ -330,7 +341,9 @@ def main():
         rows = (("rtrain status --json, squeue_format auto", "cli_auto", "ssh_json"),
                 ("rtrain status --json, squeue_format text", "cli_text", "ssh_json"),
                 ("ssh squeue --json", "ssh_json", "ssh_json"),
-                ("ssh squeue -o", "ssh_text", "ssh_json")) if "cli_auto" in s else (
+                ("ssh squeue -o", "ssh_text", "ssh_json"),
+                ("(ssh HOST true, a new connection)", "ssh_new", "ssh_json"),
+                ("(rtrain --version: the CLI's start-up)", "cli_version", "ssh_json")) if "cli_auto" in s else (
                 ("rtrain status, squeue --json", "rt_json", "sq_json"),
                 ("rtrain status, text format", "rt_text", "sq_json"),
                 ("rtrain status, agent process", "agent", "sq_json"),

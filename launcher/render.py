@@ -244,10 +244,14 @@ class Stderr:
         elif kind == "sent" and not self.quiet:
             self.done()
             sys.stderr.write("rtrain: sent %d file(s), %.1f MB\n" % (detail["files"], detail["bytes"] / 1e6))
-        elif kind == "building" and not self.quiet and detail and detail != getattr(self, "said", None):
-            self.said = detail  # a Slurm host builds the job's environment before sbatch
-            sys.stderr.write("rtrain: %s\n" % detail)
-            sys.stderr.flush()
+        elif kind == "building" and not self.quiet and detail:
+            # a Slurm host builds the job's environment before sbatch: each new line of it once
+            import re
+            said = re.sub(r", \d+ s\b", "", detail)
+            if said != getattr(self, "said", None):
+                self.said = said
+                sys.stderr.write("rtrain: %s\n" % detail)
+                sys.stderr.flush()
         elif kind == "retry":
             self.done()
             err = detail["error"]

@@ -110,7 +110,8 @@ class Slurm:
                 con.execute("UPDATE jobs SET state='lost', ended_at=?, message=? WHERE id=? AND "
                             "state='queued'", (time.time(), message, j["id"]))
             jobstate.append_log(home, j["id"], "rtrain: job lost: %s\n" % message)
-            j.update(state="lost", message=message)
+            if isinstance(j, dict):  # a job of status's answer (logs passes its row)
+                j.update(state="lost", message=message)
 
     def describe(self, job):
         """`slurm`: {"job_id", "state", "reason", "node"}: Slurm's view (state and reason when

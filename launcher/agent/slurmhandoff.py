@@ -2,7 +2,7 @@
 "Backends"): its data tree, work dir and environment are built here on the login node, on the
 file system the compute nodes share, by the same code the daemon uses on a tower (prepare.py,
 workdirs.py, builds.py: once per key), then sbatch gets an argv (slurmjobs.submit). While
-something is built the client hears a heartbeat frame {"building": what} every 2 s, so its
+something is built the client hears a frame {"building": what} at once and every 2 s, so its
 connection never looks dead; if the client goes away the agent carries on (a job committed is
 a job handed on). Whatever stops the job here fails it with one line, and the submit answers
 with that line: Slurm's own reason when sbatch refused it. A lock held while handing on tells
@@ -93,11 +93,11 @@ class _Heartbeat:
 
     def __init__(self, ctx):
         self.ctx = ctx
-        self.last = time.monotonic()
+        self.last = None  # the first one at once
         self.gone = False
 
     def __call__(self, message):
-        if self.gone or time.monotonic() - self.last < HEARTBEAT_S:
+        if self.gone or (self.last is not None and time.monotonic() - self.last < HEARTBEAT_S):
             return
         self.last = time.monotonic()
         try:

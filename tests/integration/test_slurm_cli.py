@@ -250,3 +250,39 @@ def test_a_container_job_runs_through_the_clusters_apptainer(cli, login):
     home = work[:-len("/jobs/%s/work" % job)]
     assert argv == ["exec", "--nv", "--bind", "%s:%s" % (home, home), "--pwd", work,
                     "docker://python:3.12-slim", "/bin/sh", "-c", "echo in $PWD; echo $GREETING"]
+
+
+def test_the_project_file_environment_is_built_on_the_login_node(cli, sshd):
+    """rtrain.yaml's setup builds a venv on the login node before sbatch (once per key), its data
+    is shared read-only, its outputs kept: the compute node uses them through the shared home."""
+    from wheels import make_wheel
+    wheels = sshd.root / ("wheels-%s" % uuid.uuid4().hex[:8])  # readable by the test user
+    make_wheel(str(wheels), "tinypkg", "1.0", "VALUE = 'one'\n")
+    os.chmod(wheels, 0o755)
+    (cli.src / "requirements.txt").write_text("tinypkg==1.0\n")
+    (cli.src / "data").mkdir()
+    (cli.src / "data" / "in.txt").write_text("input\n")
+    (cli.src / "rtrain.yaml").write_text(
+        'run: python -c "import tinypkg, sys; print(tinypkg.VALUE, sys.prefix != sys.base_prefix, '
+        'open(\'data/in.txt\').read().strip()); open(\'out/n\', \'a\').write(\'x\')"\n'
+        "setup: pip install --no-index --find-links %s -r requirements.txt\n"
+        "data: [data]\noutputs: [out]\n" % wheels)
+    p = cli.run("submit")
+    job = p.stdout.split()[1]
+    assert "rtrain: building its environment" in p.stderr  # said while the login node builds it
+    j = cli.wait(job)
+    log = cli.run("logs", job).stdout
+    assert j["state"] == "succeeded", log
+    assert "\nrtrain: building environment" in log and log.endswith("one True input\n"), log
+    again = cli.submit()
+    assert cli.wait(again)["state"] == "succeeded"
+    assert "is built already" in cli.run("logs", again).stdout
+    cli.run("pull", again, "out")
+    assert (cli.src / "rtrain-out" / again / "out" / "n").read_text() == "xx"  # shared by both jobs
+    # a setup that fails: the submit says so in one line, and the job has failed
+    (cli.src / "rtrain.yaml").write_text("run: echo never\nsetup: echo broken; exit 7\n")
+    p = cli.run("submit", check=False)
+    # (after the lines that said what was being built)
+    p.stderr = "".join(x for x in p.stderr.splitlines(True) if not x.startswith("rtrain: building"))
+    one_error(p, "job 3 cannot build its environment (venv with pip): the setup failed (exit code 7) (broken)")
+    assert json.loads(cli.run("status", "--json").stdout)[0]["state"] == "failed"

@@ -186,3 +186,52 @@ def test_a_slurm_job_in_status_and_gpus(capsys, monkeypatch):
     assert render.slurm_line({"job_id": "41", "state": "RUNNING", "node": "n1"}) == "job 41, RUNNING on n1"
     assert render.slurm_line({"job_id": None}) == "not submitted to Slurm yet"
     json.dumps(job)
+
+
+def test_refresh_saves_what_slurm_says_and_a_job_that_never_reached_slurm_is_lost(tmp_path, monkeypatch):
+    """One squeue (a stand-in printing the text format) for the home's jobs; running, then final
+    at once; a job queued long ago with no Slurm id and no agent handing it on is lost."""
+    from launcher.agent import db
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    out = tmp_path / "squeue.out"
+    (bin_dir / "squeue").write_text("#!/bin/sh\necho x >> %s/calls\ncat %s\n" % (bin_dir, out))
+    (bin_dir / "squeue").chmod(0o755)
+    monkeypatch.setenv("PATH", "%s:%s" % (bin_dir, os.environ["PATH"]))
+    ctx = _ctx(tmp_path, slurm={"squeue_format": "text"})
+    con, home = ctx.con, ctx.home
+    spec = {"name": "t", "command": "true", "gpus": 2, "priority": 0, "retries": 0}
+    ran, orphan, handing = (db.insert_job(con, spec) for _ in range(3))
+    con.execute("UPDATE jobs SET submitted_at=? WHERE id IN (?, ?)", (1.0, orphan, handing))
+    for j in (ran, orphan, handing):
+        os.makedirs(home.job(j).work)
+    with open(os.path.join(home.job(ran).dir, "slurm.json"), "w") as f:
+        json.dump({"slurm_job_id": "41", "requeue": None}, f)
+    with open(os.path.join(home.job(ran).dir, "start.json"), "w") as f:
+        json.dump({"started_at": 100.0, "node": "node1", "slurm_job_id": "41", "restarts": 0,
+                   "gpus": "0,1"}, f)
+    import fcntl
+    lock = open(os.path.join(home.job(handing).dir, "handoff.lock"), "w")
+    fcntl.flock(lock, fcntl.LOCK_EX)  # an agent hands this one on right now
+    out.write_text("41|41|N/A|RUNNING|None|node1|2026-11-29T23:30:06|N/A|u|rtrain-1\n")
+    backend = ctx.backend
+    backend.refresh()
+    row = db.get(con, ran)
+    assert (row["state"], row["message"], json.loads(row["gpus"]), row["attempts"]) == (
+        "running", "Slurm job 41 on node1", ["node1:0", "node1:1"], 1)
+    jobs = [db.to_public(db.get(con, j)) for j in (orphan, handing)]
+    backend.revive(jobs)
+    assert [j["state"] for j in jobs] == ["lost", "queued"]
+    assert db.get(con, orphan)["message"].startswith("it never reached Slurm")
+    with open(home.job(ran).exit, "w") as f:
+        json.dump({"exit_code": 3, "signal": None, "ended_at": 105.0, "cancelled": False,
+                   "terminated": False, "started_at": 100.0, "node": "node1", "gpus": "0,1"}, f)
+    out.write_text("41|41|N/A|FAILED|NonZeroExitCode|node1|2026-11-29T23:30:06|N/A|u|rtrain-1\n")
+    assert backend.job_row(ran)["state"] == "running"  # asked a moment ago: not again yet
+    backend.asked_at -= 1.0  # its exit record is there: Slurm is asked at once (after 0.5 s)
+    row = backend.job_row(ran)
+    assert (row["state"], row["exit_code"], row["message"], row["ended_at"]) == ("failed", 3, "exit 3", 105.0)
+    assert len((bin_dir / "calls").read_text().splitlines()) == 2  # one squeue per look
+    assert ctx.public(row)["slurm"] == {"job_id": "41", "state": "FAILED", "reason": None,
+                                        "node": "node1", "partition": None}
+    lock.close()
