@@ -11,7 +11,6 @@ MinJobAge (no sacct without slurmdbd) only the wrapper's exit record is left. Sl
 id, node and state ride along in a job's `slurm` (describe). Standard library only,
 Python >= 3.8.
 """
-import fcntl
 import json
 import os
 import sys
@@ -198,17 +197,7 @@ def _column(key, value):
 
 def _lock_free(home, job_id):
     """True when no agent holds the job's hand-off lock (slurmhandoff.py)."""
-    try:
-        fd = os.open(handoff_lock_path(home, job_id), os.O_RDWR | os.O_CLOEXEC)
-    except OSError:
-        return True
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
+    return not fsutil.flock_held(handoff_lock_path(home, job_id))
 
 
 def _no_daemon(ctx):

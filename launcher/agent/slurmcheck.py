@@ -94,13 +94,7 @@ def shared_fs(home, settings, wait_s=FSCHECK_WAIT_S):
 
 
 def _submit_check(home, d, opts):
-    script = os.path.join(d, slurm.FSCHECK_NAME)
-    if not os.path.exists(script):
-        tmp = "%s.tmp%d" % (script, os.getpid())
-        with open(tmp, "w") as f:
-            f.write(slurm.FSCHECK)
-        os.chmod(tmp, 0o700)
-        os.replace(tmp, script)
+    script = slurmjobs.ensure_script(home, slurm.FSCHECK_NAME, slurm.FSCHECK)
     folder = tempfile.mkdtemp(prefix="fscheck-", dir=d)
     with open(os.path.join(folder, "token"), "w") as f:
         f.write(os.urandom(16).hex())

@@ -138,14 +138,14 @@ def _prepared(ctx, job_id, say):
 
 
 def _reap(prep):
-    while True:
+    """Collect the builders (of this process) that ended."""
+    for pid, _ in list(prep.builds.running.values()):
         try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
+            done, _ = os.waitpid(pid, os.WNOHANG)
         except ChildProcessError:
-            return
-        if pid == 0:
-            return
-        prep.ended(pid)
+            done = pid
+        if done:
+            prep.ended(pid)
 
 
 def _end(con, home, job_id, state, why):

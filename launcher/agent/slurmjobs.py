@@ -50,16 +50,21 @@ def slurm_dir(home):
     return d
 
 
-def ensure_wrapper(home):
-    """The batch wrapper's path (written once per wrapper version, atomically)."""
-    path = os.path.join(slurm_dir(home), slurm.WRAPPER_NAME)
+def ensure_script(home, name, text):
+    """A fixed script of ours in slurm/ (written once per version: its name holds its hash)."""
+    path = os.path.join(slurm_dir(home), name)
     if not os.path.exists(path):
         tmp = "%s.tmp%d" % (path, os.getpid())
         with open(tmp, "w") as f:
-            f.write(slurm.WRAPPER)
+            f.write(text)
         os.chmod(tmp, 0o700)
         os.replace(tmp, path)
     return path
+
+
+def ensure_wrapper(home):
+    """The batch wrapper's path."""
+    return ensure_script(home, slurm.WRAPPER_NAME, slurm.WRAPPER)
 
 
 def _write_private(path, data):
