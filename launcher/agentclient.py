@@ -172,7 +172,9 @@ class AgentClient:
                     return self._reply(proc, early, verb)
                 sent = True
         except HostError as e:
-            e.request_sent = sent
+            # an ssh child says whether its session ever opened (sshproc.py): if not, nothing
+            # written reached the agent
+            e.request_sent = sent and getattr(proc, "delivered", True)
             proc.kill()
             raise
         except BaseException:

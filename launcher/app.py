@@ -49,6 +49,14 @@ class Session:
     def job_id(self, host, n):
         return hostsmod.format_id(self.cfg, host, n)
 
+    def locate(self, ref):
+        """(host, numeric id) for a job reference: without a call when it names the host (or
+        there is a default host), else by asking every host (find)."""
+        host, n = hostsmod.parse_ref(self.cfg, ref)
+        if host is not None:
+            return host, n
+        return self.find(ref)[:2]
+
     def find(self, ref):
         """(host, numeric id, job dict) for a job reference, asking every host if needed."""
         host, n = hostsmod.parse_ref(self.cfg, ref)
@@ -289,8 +297,13 @@ def job(session, ref):
 
 
 def cancel(session, ref):
-    host, n, _ = session.find(ref)
-    res = session.client(host).call("cancel", {"id": n})
+    host, n = session.locate(ref)  # one call, not a lookup first: one round trip less
+    try:
+        res = session.client(host).call("cancel", {"id": n})
+    except AgentReplyError as e:
+        if e.code == "no_such_job":
+            raise hostsmod.not_found(ref)
+        raise
     out = _decorate(session, host, res["job"])
     out["was"] = res["was"]
     return out
@@ -323,7 +336,7 @@ def logs(session, ref, follow=False, tail=None, retry_for=None, sleep=time.sleep
     goes silent (no data and no heartbeat for `stall_after` seconds, RTRAIN_LOGS_STALL_S) counts
     as dropped: without a RST, TCP alone would wait many minutes to notice."""
     import base64
-    host, n, _ = session.find(ref)
+    host, n = session.locate(ref)  # the logs call itself says when there is no such job
     if stall_after is None:
         stall_after = float(os.environ.get("RTRAIN_LOGS_STALL_S") or LOGS_STALL_S)
     offset = None
@@ -342,7 +355,9 @@ def logs(session, ref, follow=False, tail=None, retry_for=None, sleep=time.sleep
                 client = session.client(host)
                 # until the first frame, the connection is still being made (SSH handshake, agent
                 # start-up on a busy host): allow more, lest a slow start be taken for a dead one
-                watchdog.arm(getattr(getattr(client, "transport", None), "close", None),
+                # abort(): the connection went silent, so a shared one is dead too (openssh.py)
+                t = getattr(client, "transport", None)
+                watchdog.arm(getattr(t, "abort", None) or getattr(t, "close", None),
                              limit=CONNECT_STALL_FACTOR * stall_after)
                 for frame in client.stream("logs", req):
                     watchdog.pet()
@@ -373,6 +388,10 @@ def logs(session, ref, follow=False, tail=None, retry_for=None, sleep=time.sleep
                     elif "hb" in frame:
                         if offset is None:
                             offset = frame["hb"]
+            except AgentReplyError as e:
+                if e.code == "no_such_job":
+                    raise hostsmod.not_found(ref)
+                raise
             except HostError as e:
                 if watchdog.fired:
                     e = HostError(host, "no word from the host for %gs" % watchdog.fired,
@@ -502,7 +521,9 @@ def doctor(session, host=None):
     def check(name):
         h = session.cfg.get(name)
         c = session.client(name)
+        from . import connections
         out = []
+        before = connections.state(c.transport)
         t0 = time.monotonic()
         try:
             hello = c.call("hello", {"sched": c.sched()})
@@ -515,6 +536,7 @@ def doctor(session, host=None):
         if h.kind == "ssh":
             out.append({"name": "ssh", "ok": True, "detail": "%s reached in %.0f ms" % (
                 h.ssh, (time.monotonic() - t0) * 1000), "fix": ""})
+            out.append(connections.check(c.transport, before))
         py = tuple(int(x) for x in hello["python"].split(".")[:2])
         out.append({"name": "python", "ok": py >= (3, 8), "detail": "%s (%s)" % (
             hello["python"], hello["executable"]),

@@ -77,8 +77,10 @@ def build_parser():
                     help="files or folders in the job's work dir (default: all it wrote)")
     pl.add_argument("-o", "--output", metavar="DIR", help="where to put them (default ./rtrain-out/JOB)")
 
-    h = verb("hosts", help="check each host: ssh, python, agent, nvidia-smi, disk")
+    h = verb("hosts", help="check each host: transport, ssh, python, agent, nvidia-smi, disk")
     h.add_argument("host", nargs="?")
+    h.add_argument("--disconnect", action="store_true",
+                   help="close the shared SSH connections (of HOST, or all) instead")
 
     g = verb("gpus", help="GPUs of every host: free, busy or unknown, and who holds them")
     g.add_argument("--host")

@@ -21,6 +21,9 @@ HOST_KEYS = {
     "env": "variables set for every job on this host",
     "lock_dir": "shared sticky directory of GPU lease files (default /run/lock, else /tmp)",
     "nvidia_smi": "nvidia-smi command on the host (default nvidia-smi)",
+    "transport": "openssh or paramiko (default: openssh where an OpenSSH client is installed)",
+    "control_persist": "how long a shared OpenSSH connection stays open after use: seconds or "
+                       "10m/1h (default 10m); 0 or no: no sharing",
 }
 TOP_KEYS = ("default", "hosts")
 
@@ -42,6 +45,8 @@ class Host:
     env: Tuple[Tuple[str, str], ...] = ()
     lock_dir: Optional[str] = None
     nvidia_smi: Optional[str] = None
+    transport: Optional[str] = None  # None: openssh where it can be used (sshcommon.transport_of)
+    control_persist: str = "10m"     # "no": no connection sharing
 
 
 LOCAL = Host(name="local")
@@ -196,9 +201,30 @@ def _host(path, name, line, node):
         if not isinstance(data["accept_new_host_key"], bool):
             bad("accept_new_host_key", "true or false")
         kw["accept_new_host_key"] = data["accept_new_host_key"]
+    if "transport" in data:
+        if data["transport"] not in ("openssh", "paramiko"):
+            bad("transport", "openssh or paramiko")
+        kw["transport"] = data["transport"]
+    if "control_persist" in data:
+        kw["control_persist"] = _persist(data["control_persist"]) or bad(
+            "control_persist", "a number of seconds, a time like 10m or 1h, or 0/no")
     if "env" in data:
         e = data["env"]
         if not isinstance(e, dict) or not all(isinstance(k, str) for k in e):
             bad("env", "a mapping of NAME: value")
         kw["env"] = tuple((k, "" if v is None else str(v)) for k, v in e.items())
     return Host(**kw)
+
+
+def _persist(v):
+    """control_persist -> what OpenSSH's ControlPersist takes ("no": sharing off), or None."""
+    import re
+    if v is False or v == 0 or (isinstance(v, str) and v.strip().lower() in ("0", "no", "false", "off")):
+        return "no"
+    if isinstance(v, bool) or v is None:
+        return None
+    if isinstance(v, int) and v > 0:
+        return str(v)
+    if isinstance(v, str) and re.fullmatch(r"(\d+[smhdwSMHDW]?)+", v.strip()):
+        return v.strip()
+    return None

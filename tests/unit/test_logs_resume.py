@@ -42,6 +42,9 @@ class FakeSession:
     def find(self, ref):
         return "tower", 7, {}
 
+    def locate(self, ref):
+        return "tower", 7
+
     def client(self, host):
         return self.c
 
