@@ -315,6 +315,15 @@ class OpenSSHTransport(Transport):
             self._resolved = conf
         return self._resolved
 
+    def diagnose(self):
+        """stderr of `ssh HOST true` without connection sharing (error paths only)."""
+        try:
+            return subprocess.run(self.argv("true", direct=True), stdin=subprocess.DEVNULL,
+                                  capture_output=True, text=True,
+                                  timeout=4 * self.connect_timeout + 5).stderr
+        except (OSError, subprocess.SubprocessError) as e:
+            return str(e)
+
     def failure(self, err, mid_session=False):
         """ssh's exit 255 and its stderr -> the one-liner both transports print."""
         from .openssh_errors import map_failure

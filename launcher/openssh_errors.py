@@ -22,9 +22,15 @@ def known_files(t):
     return users, glob
 
 
-def map_failure(t, err, mid_session=False):
+def map_failure(t, err, mid_session=False, again=True):
     host = t.name
     conf = t.resolved()
+    proxied = any(conf.get(k) not in (None, "", "none") for k in ("proxyjump", "proxycommand"))
+    if again and proxied and not mid_session and re.search(
+            r"kex_exchange_identification|Connection closed by UNKNOWN", err):
+        # with ControlPersist, OpenSSH sends the jump hosts' own errors to /dev/null: ask once
+        # more without sharing to hear what went wrong on the way
+        return map_failure(t, t.diagnose(), mid_session, again=False)
     user, hostname, port = conf.get("user"), conf.get("hostname"), int(conf.get("port") or 22)
     name = conf.get("hostkeyalias") if conf.get("hostkeyalias") not in (None, "", "none") else \
         sc.key_name(hostname, port)
@@ -47,6 +53,10 @@ def map_failure(t, err, mid_session=False):
         users, glob = known_files(t)
         files = users[:1] + [p for p in users[1:] + glob if os.path.exists(p)]
         return sc.unknown_host_key(host, m.group(1) if m else name, files, user, hostname, port)
+    m = re.search(r"open failed: (?:connect failed: )?(.+)", text)
+    if m or "stdio forwarding failed" in text:
+        jump = conf.get("proxyjump") if conf.get("proxyjump") not in (None, "none") else "a jump host"
+        return sc.jump_failed(host, jump, "the next hop", m.group(1) if m else "stdio forwarding failed")
     m = re.search(r"(\S+)@(\S+): Permission denied \(", text)
     if m:
         who = sc.key_name(hostname, port) if m.group(2) == hostname else m.group(2)
@@ -67,10 +77,6 @@ def map_failure(t, err, mid_session=False):
     m = re.search(r"connect to host (\S+) port (\d+): (.+)", text)
     if m:
         return sc.cannot_connect(host, m.group(1), int(m.group(2)), m.group(3))
-    m = re.search(r"open failed: (?:connect failed: )?(.+)", text)
-    if m or "stdio forwarding failed" in text:
-        return sc.jump_failed(host, "in ProxyJump", "%s:%d" % (hostname, port),
-                              m.group(1) if m else "stdio forwarding failed")
     m = re.search(r"Bad owner or permissions on (.+)", text)
     if m:
         from .errors import HostError

@@ -158,7 +158,14 @@ class ParamikoTransport(Transport):
                             sc.ssh_config_path(), user_ssh_path=sc.ssh_config_path())
         cfg.load_ssh_config()
         user, alias, port = sc.parse_target(self.cfg.ssh)
-        conn = fabric.Connection(alias, user=user, port=port, config=cfg)
+        # ProxyJump a,b: a first, b through a, the target through b (built here: fabric 3.2
+        # chains them the other way round)
+        jumps = cfg.base_ssh_config.lookup(alias).get("proxyjump")
+        gateway = None
+        if jumps and jumps.lower() != "none":
+            for i, hop in enumerate(j.strip() for j in jumps.split(",")):
+                gateway = fabric.Connection(hop, config=cfg, gateway=gateway if i else None)
+        conn = fabric.Connection(alias, user=user, port=port, config=cfg, gateway=gateway)
         hops = []
         c = conn
         while c is not None and not isinstance(c, str):

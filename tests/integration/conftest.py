@@ -125,8 +125,11 @@ class Sshd:
 
     def close_masters(self):
         """Close the OpenSSH master connections the tests left (their sockets are under root)."""
-        from launcher.openssh import close_master
         import stat
+        import sys
+        if str(REPO) not in sys.path:
+            sys.path.insert(0, str(REPO))
+        from launcher.openssh import close_master
         for d, _, files in os.walk(str(self.root)):
             for f in files:
                 p = os.path.join(d, f)
@@ -160,7 +163,9 @@ SSH_TRANSPORTS = ("openssh", "paramiko")
 def pytest_generate_tests(metafunc):
     """Every test that talks to the sshd runs once per SSH transport."""
     if "sshd" in metafunc.fixturenames and "ssh_transport" in metafunc.fixturenames:
-        metafunc.parametrize("ssh_transport", SSH_TRANSPORTS, indirect=True)
+        # a module may narrow it (test_openssh.py: connection sharing is OpenSSH's alone)
+        metafunc.parametrize("ssh_transport", getattr(metafunc.module, "SSH_TRANSPORTS", SSH_TRANSPORTS),
+                             indirect=True)
 
 
 @pytest.fixture(autouse=True)
