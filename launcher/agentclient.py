@@ -12,6 +12,9 @@ from . import agentpkg
 from .errors import AgentReplyError, HostError
 
 PROTOCOL = 1
+# Verbs whose small requests (no secrets in them) may travel as an argument: see _start
+INLINE_VERBS = ("hello", "status", "gpus", "cancel", "logs", "outputs", "read")
+INLINE_MAX = 16 << 10
 
 
 class _AgentMissing(Exception):
@@ -104,12 +107,21 @@ class AgentClient:
         # .pth file of the host's Python, conda's above all) costs 20-30 ms or more per call.
         return [self.transport.python, "-S", self.agent_path(), verb]
 
-    def _start(self, verb, req):
+    def _start(self, verb, req, inline=False):
         proc = self._take_prestarted(verb)
-        if proc is None:
-            proc = self.transport.start(self._argv(verb))
         body = dict(self.base_request())
         body.update(req)
+        if proc is None and inline and verb in INLINE_VERBS and \
+                getattr(self.transport, "request_in_argv", False):
+            line = json.dumps(body)
+            if len(line) <= INLINE_MAX:
+                # the request as an argument (docs/contracts.md): OpenSSH sends a session's
+                # stdin only once its exec is confirmed, a round trip later
+                proc = self.transport.start(self._argv(verb) + ["--request", line])
+                proc.close_stdin()
+                return proc
+        if proc is None:
+            proc = self.transport.start(self._argv(verb))
         try:
             proc.write(json.dumps(body).encode("utf-8") + b"\n")
         except (HostError, OSError) as e:
@@ -186,7 +198,7 @@ class AgentClient:
             proc.close_stdin()
 
     def _call(self, verb, req, payload):
-        proc = self._start(verb, req or {})
+        proc = self._start(verb, req or {}, inline=payload is None)
         try:
             if payload is not None:
                 early = _send(proc, payload)
@@ -220,7 +232,7 @@ class AgentClient:
             gen.close()
 
     def _stream(self, verb, req=None):
-        proc = self._start(verb, req or {})
+        proc = self._start(verb, req or {}, inline=True)
         proc.close_stdin()
         try:
             while True:

@@ -97,6 +97,7 @@ def _unix_alive(path):
 
 class OpenSSHTransport(Transport):
     kind = "openssh"
+    request_in_argv = True  # agentclient.py: a session's stdin flows a round trip after its exec
 
     def __init__(self, host_cfg, accept_new_host_key=False, ssh=None):
         self.cfg = host_cfg
@@ -242,6 +243,10 @@ class OpenSSHTransport(Transport):
             self._procs.discard(proc)
 
     def start(self, argv, env=None):
+        with self._lock:
+            finished = [p for p in self._procs if p.done()]
+        for p in finished:  # calls whose reply was read: their pipes go (status --watch)
+            p.kill()
         return SshProcess(self, "echo %s && exec %s" % (MARKER.decode(), sc.command_line(argv, env)))
 
     def close(self):

@@ -69,6 +69,24 @@ class SshProcess(AgentProcess):
                 into += chunk
         except (OSError, ValueError):
             pass
+        finally:
+            try:
+                f.close()
+            except OSError:
+                pass
+
+    def done(self):
+        """The child has exited and everything it wrote has been read: its pipes may go."""
+        if self.p.poll() is None or self._buf:
+            return False
+        try:
+            import fcntl
+            import struct
+            import termios
+            n = fcntl.ioctl(self.p.stdout.fileno(), termios.FIONREAD, b"\0\0\0\0")
+            return struct.unpack("i", n)[0] == 0
+        except (OSError, ValueError):
+            return True  # closed already
 
     def _reap(self, timeout):
         try:

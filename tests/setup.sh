@@ -1,12 +1,13 @@
 #!/bin/bash
 # Everything the tests need on a fresh Debian/Ubuntu machine (run as root, or with sudo):
-# OpenSSH's sshd for the integration tests, git, rsync and task-spooler for the benchmarks,
+# OpenSSH's sshd and client, iptables (a ProxyJump chain test) for the integration tests, git,
+# rsync and task-spooler for the benchmarks,
 # and rtrain itself with its Python dependencies.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
 need=""
-for pair in sshd:openssh-server ssh:openssh-client git:git rsync:rsync tsp:task-spooler; do
+for pair in sshd:openssh-server ssh:openssh-client git:git rsync:rsync tsp:task-spooler iptables:iptables unshare:util-linux; do
   cmd=${pair%%:*}; pkg=${pair#*:}
   command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || need="$need $pkg"
 done
