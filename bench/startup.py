@@ -101,6 +101,14 @@ def ssh_status(n, runs, tmp):
         sshd.stop()
 
 
+def cleanup(tmp):
+    """Stop the local daemon the runs started; remove the temp dir."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from support import stop_agent
+    stop_agent(tmp / "home")
+    shutil.rmtree(str(tmp), ignore_errors=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=20)
@@ -129,8 +137,12 @@ def main():
     print("  rtrain status --json --all, %d  %7.1f ms" % (a.jobs, st10k_json * 1000))
     if a.no_ssh or os.geteuid() != 0 or not shutil.which("sshd") and not os.path.exists("/usr/sbin/sshd"):
         print("  (over SSH: skipped; run as root with openssh-server installed)")
+        cleanup(tmp)
         return
-    r = ssh_status(a.jobs, a.runs, tmp / "ssh")
+    try:
+        r = ssh_status(a.jobs, a.runs, tmp / "ssh")
+    finally:
+        cleanup(tmp)
     print("over SSH on 127.0.0.1, %d jobs in the history:" % a.jobs)
     print("  ssh host true, on rtrain's shared connection  %7.1f ms" % (r["mux_true"] * 1000))
     print("  rtrain status (openssh, warm)                 %7.1f ms   (%.1fx; +%.0f ms)" % (
