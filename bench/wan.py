@@ -5,7 +5,7 @@ OpenSSH's `ssh host true`, new and over a shared (ControlMaster) connection, in 
 real sshd on 127.0.0.1 (started here, as in tests/integration; needs root and openssh-server).
 
 For each command, the median of --runs wall times at D = 0 and at D, and the round trips it
-costs: (t(D) - t(0)) / 2D. Goals (issue 8, docs/design.md decision 9), with rtrain's shared
+costs: (t(D) - t(0)) / 2D. Goals (issue 8), with rtrain's shared
 connection warm: status, logs, gpus, cancel within 1.2x the round trips of `ssh host true` over
 a master (about 2); submit of an unchanged tree <= 3, with one changed file <= 4; and cold (no
 shared connection) within 1 round trip of a new `ssh host true`.

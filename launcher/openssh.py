@@ -2,7 +2,7 @@
 CMD`, its stdin and stdout the agent's), with connection sharing. The first call to a host opens
 a master connection (ControlMaster=auto) that stays up ControlPersist (the host's
 `control_persist`, default 10 min) after the last use: every later call, from this command or
-the next, is one session on it, about two round trips (docs/design.md decision 9).
+the next, is one session on it, about two round trips (docs/contracts.md, "Transports").
 
 Everything in the user's ssh config applies as OpenSSH applies it. rtrain adds only what it
 must, in a small config file of its own that includes the user's (ProxyJump hops get `-F` but no

@@ -19,6 +19,7 @@ import subprocess
 import threading
 import time
 
+from .errors import HostError
 from .sshcommon import connection_lost, no_answer
 from .transport import AgentProcess
 
@@ -48,10 +49,15 @@ class SshProcess(AgentProcess):
     def _spawn(self, mode):
         """mode: 'reused' (a master was up), 'auto' (may make one), 'direct' (no sharing)."""
         self.mode = mode
+        try:
+            self.p = subprocess.Popen(self.t.argv(self.cmd, direct=(mode == "direct")),
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, bufsize=0)
+        except OSError as e:
+            raise HostError(self.t.name, "cannot run %s: %s" % (self.t.ssh, e.strerror or e),
+                            "install the OpenSSH client, or set `transport: paramiko` for this "
+                            "host in hosts.yaml", permanent=True)
         self._wake_r, self._wake_w = os.pipe()
-        self.p = subprocess.Popen(self.t.argv(self.cmd, direct=(mode == "direct")),
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, bufsize=0)
         for f in (self.p.stdin, self.p.stdout):
             os.set_blocking(f.fileno(), False)
         self._err = bytearray()
@@ -268,7 +274,10 @@ class SshProcess(AgentProcess):
         rc = None
         while rc is None:
             rc = self._reap(_TICK)
-            if rc is None and (time.monotonic() > deadline or self._interrupted):
+            if rc is None and self._interrupted:
+                self._end_child()
+                raise connection_lost(self.t.name, "closed")
+            if rc is None and time.monotonic() > deadline:
                 self._end_child()
                 raise no_answer(self.t.name, self.timeout)
         self._err_thread.join(2)

@@ -211,3 +211,20 @@ def test_a_command_over_openssh_imports_no_paramiko(sshd, ctl, tmp_path, src):
                 if line.startswith("import time:")}
     assert "json" in imported  # the probe sees imports
     assert not imported & {"paramiko", "fabric", "invoke", "cryptography", "nacl", "bcrypt"}, imported
+
+
+@pytest.mark.parametrize("args", [["--version"], ["--help"], ["status"]])
+def test_commands_without_a_host_import_no_ssh_library(tmp_path, args):
+    """--version, --help and `status` of the local host (no hosts file) load neither paramiko nor
+    fabric: seen by `python -X importtime`."""
+    from support import REPO
+    env = dict(os.environ, PYTHONPATH=str(REPO), RTRAIN_HOME=str(tmp_path / "home"),
+               HOME=str(tmp_path / "userhome"))
+    env.pop("RTRAIN_HOSTS", None)
+    p = subprocess.run([sys.executable, "-X", "importtime", "-m", "launcher"] + args, cwd=str(tmp_path),
+                       env=env, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    imported = {line.split("|")[-1].strip().split(".")[0] for line in p.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert "launcher" in imported
+    assert not imported & {"paramiko", "fabric", "invoke"}, sorted(imported)
