@@ -60,7 +60,8 @@ def map_failure(t, err, mid_session=False, again=True):
     m = re.search(r"(\S+)@(\S+): Permission denied \(", text)
     if m:
         who = sc.key_name(hostname, port) if m.group(2) == hostname else m.group(2)
-        return sc.auth_refused(host, m.group(1), who)
+        opened = re.search(r"Permissions \S+ for '(.+)' are too open", text)
+        return sc.auth_refused(host, m.group(1), who, opened.group(1) if opened else None)
     m = re.search(r"Could not resolve hostname (\S+): (.+?)\.?$", text, re.M)
     if m:
         return sc.unresolved(host, m.group(1), m.group(2))

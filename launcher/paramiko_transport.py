@@ -175,9 +175,11 @@ class ParamikoTransport(Transport):
         for i, hop in enumerate(hops):
             keys = [sc.expand(self.cfg.identity_file)] if (i == 0 and self.cfg.identity_file) else []
             keys += [sc.expand(k) for k in hop.ssh_config.get("identityfile", [])]
-            keys = [k for k in keys if os.path.exists(k)]
+            given = [k for k in keys if os.path.exists(k)]
+            hop.rtrain_open_keys = [k for k in given if sc.key_too_open(k)]
+            keys = [k for k in given if k not in hop.rtrain_open_keys]  # as OpenSSH: never used
             only = hop.ssh_config.get("identitiesonly", "no").lower() == "yes"
-            hop.connect_kwargs = {"allow_agent": not only, "look_for_keys": not only and not keys,
+            hop.connect_kwargs = {"allow_agent": not only, "look_for_keys": not only and not given,
                                   "banner_timeout": timeout, "auth_timeout": timeout}
             if keys:
                 hop.connect_kwargs["key_filename"] = keys
@@ -217,8 +219,10 @@ class ParamikoTransport(Transport):
                 e, paramiko.SSHException) and "direct-tcpip" in str(e).lower()):
             return sc.jump_failed(self.name, gateway.original_host, "%s:%d" % (hop.host, hop.port),
                                   getattr(e, "text", None) or str(e) or "refused")
-        if isinstance(e, paramiko.AuthenticationException):
-            return sc.auth_refused(self.name, hop.user, name)
+        if isinstance(e, paramiko.AuthenticationException) or \
+                "No authentication methods available" in str(e):
+            opened = getattr(hop, "rtrain_open_keys", None)
+            return sc.auth_refused(self.name, hop.user, name, opened[0] if opened else None)
         if isinstance(e, paramiko.ssh_exception.NoValidConnectionsError) or \
                 isinstance(e, ConnectionRefusedError):
             return sc.refused(self.name, hop.host, hop.port)

@@ -153,10 +153,22 @@ def revoked_host_key(host, name, path=None, line=None):
                      "should have", permanent=True)
 
 
-def auth_refused(host, user, name):
+def auth_refused(host, user, name, open_key=None):
+    if open_key:  # OpenSSH ignores a private key others can read (paramiko here does too)
+        return HostError(host, "authentication refused for %s@%s: the private key %s can be read "
+                         "by others, so it was not used" % (user, name, open_key),
+                         "chmod 600 %s" % open_key)
     return HostError(host, "authentication refused for %s@%s" % (user, name),
                      "add your public key to ~/.ssh/authorized_keys there, or set identity_file "
                      "for this host in hosts.yaml")
+
+
+def key_too_open(path):
+    """True for a private key file that others may read (OpenSSH refuses to use it)."""
+    try:
+        return os.name == "posix" and os.stat(path).st_mode & 0o077 != 0
+    except OSError:
+        return False
 
 
 def no_ssh_answer(host, name, timeout):

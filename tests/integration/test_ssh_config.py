@@ -2,6 +2,7 @@
 ssh_transport fixture runs each test once per transport): a two-hop ProxyJump chain that no
 shorter chain can replace, HostKeyAlias, and known_hosts files with @cert-authority and
 @revoked lines."""
+import os
 import shutil
 import subprocess
 import sys
@@ -143,3 +144,16 @@ def test_known_hosts_with_cert_authority_and_revoked_lines(sshd, tmp_path, src):
         p = rt(sshd, hosts, *extra, "status", "--host", "tower", cwd=src, env=sshd.env(known_hosts=bad),
                check=False)
         one_error(p, "tower: the host key of [127.0.0.1]:%d is marked as revoked" % sshd.port)
+
+
+def test_a_private_key_others_can_read_is_not_used(sshd, tmp_path, src):
+    """OpenSSH ignores such a key; paramiko would use it without a word: both refuse it here."""
+    key = tmp_path / "open_key"
+    shutil.copyfile(str(sshd.user_key), str(key))
+    os.chmod(key, 0o644)
+    hosts = sshd.hosts_yaml(tmp_path / "hosts.yaml", {"tower": (ALICE, sshd.port, {"identity_file": key})})
+    p = rt(sshd, hosts, "status", "--host", "tower", cwd=src, env=sshd.env(), check=False)
+    lines = one_error(p, "authentication refused for %s@" % ALICE, "%s can be read by others" % key)
+    assert lines[1] == "  hint: chmod 600 %s" % key
+    os.chmod(key, 0o600)
+    rt(sshd, hosts, "status", "--host", "tower", cwd=src, env=sshd.env())
