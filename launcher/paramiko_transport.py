@@ -148,6 +148,7 @@ class ParamikoTransport(Transport):
         self.python = host_cfg.python or "python3"
         self.accept_new = accept_new_host_key or host_cfg.accept_new_host_key
         self._conns = []   # the target's Connection last, its gateways before it
+        self._open_keys = {}  # id(hop) -> its private keys that others can read
         self._client = None
         self._gen = 0  # close() counts up: a connect that close() overtook is dropped
 
@@ -176,8 +177,9 @@ class ParamikoTransport(Transport):
             keys = [sc.expand(self.cfg.identity_file)] if (i == 0 and self.cfg.identity_file) else []
             keys += [sc.expand(k) for k in hop.ssh_config.get("identityfile", [])]
             given = [k for k in keys if os.path.exists(k)]
-            hop.rtrain_open_keys = [k for k in given if sc.key_too_open(k)]
-            keys = [k for k in given if k not in hop.rtrain_open_keys]  # as OpenSSH: never used
+            # (fabric's Connection turns unknown attributes into config: keep ours here)
+            opened = self._open_keys[id(hop)] = [k for k in given if sc.key_too_open(k)]
+            keys = [k for k in given if k not in opened]  # as OpenSSH: never used
             only = hop.ssh_config.get("identitiesonly", "no").lower() == "yes"
             hop.connect_kwargs = {"allow_agent": not only, "look_for_keys": not only and not given,
                                   "banner_timeout": timeout, "auth_timeout": timeout}
@@ -221,7 +223,7 @@ class ParamikoTransport(Transport):
                                   getattr(e, "text", None) or str(e) or "refused")
         if isinstance(e, paramiko.AuthenticationException) or \
                 "No authentication methods available" in str(e):
-            opened = getattr(hop, "rtrain_open_keys", None)
+            opened = self._open_keys.get(id(hop))
             return sc.auth_refused(self.name, hop.user, name, opened[0] if opened else None)
         if isinstance(e, paramiko.ssh_exception.NoValidConnectionsError) or \
                 isinstance(e, ConnectionRefusedError):
