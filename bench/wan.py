@@ -88,19 +88,6 @@ class DelayProxy:
                 return
 
 
-def timed(argv, env, cwd, runs, before=None):
-    out = []
-    for _ in range(runs):
-        if before:
-            before()
-        t = time.perf_counter()
-        p = subprocess.run(argv, env=env, cwd=str(cwd), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        out.append(time.perf_counter() - t)
-        if p.returncode != 0:
-            raise SystemExit("%s failed (%d): %s" % (" ".join(map(str, argv)), p.returncode, p.stderr.decode()))
-    return statistics.median(out)
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--delay-ms", type=float, default=50.0)
@@ -119,27 +106,38 @@ def main():
     sshd = conftest.Sshd(work / "sshd")
     fakesmi.install(sshd.bin_dir, gpus=2)
     shutil.copyfile(str(sshd.root / "authkeys" / "root"), str(sshd.root / "authkeys" / USER))
-    proxy = DelayProxy(sshd.port)
+    delays = (0.0, a.delay_ms / 1000.0)
+    # one proxy, one host entry and one shared connection per delay: runs alternate between
+    # them, so that a machine whose load drifts skews both alike, and each TCP connection keeps
+    # one delay throughout
+    proxies = {}
+    for d in delays:
+        proxies[d] = DelayProxy(sshd.port)
+        proxies[d].delay = d
     key = " ".join(sshd.host_key.with_suffix(".pub").read_text().split()[:2])
     kh = work / "known_hosts"
-    kh.write_text("[127.0.0.1]:%d %s\n" % (proxy.port, key))
+    kh.write_text("".join("[127.0.0.1]:%d %s\n" % (p.port, key) for p in proxies.values()))
     ctl = work / "cm"
     env = sshd.env(known_hosts=kh, RTRAIN_SSH_CONTROL_DIR=str(ctl), RTRAIN_HOME=str(work / "local"))
     env.pop("PYTHONDONTWRITEBYTECODE", None)
     home = ".rtrain-wan-%d" % os.getpid()
+    name = {d: "d%d" % round(d * 1000) for d in delays}
     hosts = work / "hosts.yaml"
-    hosts.write_text("hosts:\n  tower:\n    ssh: %s@127.0.0.1:%d\n    identity_file: %s\n    home: ~/%s\n"
-                     "    lock_dir: %s\n" % (USER, proxy.port, sshd.user_key, home, sshd.lock_dir))
+    hosts.write_text("hosts:\n" + "".join(
+        "  %s:\n    ssh: %s@127.0.0.1:%d\n    identity_file: %s\n    home: ~/%s\n    lock_dir: %s\n" % (
+            name[d], USER, proxies[d].port, sshd.user_key, home, sshd.lock_dir) for d in delays))
     src = work / "src"
     src.mkdir()
     for i in range(10):
         (src / ("f%d.py" % i)).write_text("print(%d)\n" % i)
     rt = [sys.executable, "-m", "launcher", "--hosts", str(hosts)]
-    ssh = ["ssh", "-F", "/dev/null", "-p", str(proxy.port), "-i", str(sshd.user_key), "-o",
-           "UserKnownHostsFile=%s" % kh, "-o", "StrictHostKeyChecking=yes", "-o", "IdentitiesOnly=yes",
-           "-o", "BatchMode=yes"]
     target = "%s@127.0.0.1" % USER
-    mpath = str(work / "ssh-master")
+    mpath = {d: str(work / ("ssh-master-%s" % name[d])) for d in delays}
+
+    def ssh(d, *opts):
+        return ["ssh", "-F", "/dev/null", "-p", str(proxies[d].port), "-i", str(sshd.user_key), "-o",
+                "UserKnownHostsFile=%s" % kh, "-o", "StrictHostKeyChecking=yes", "-o", "IdentitiesOnly=yes",
+                "-o", "BatchMode=yes"] + list(opts)
 
     def run(*args):
         return subprocess.run(rt + list(args), env=env, cwd=str(src), capture_output=True, text=True,
@@ -147,47 +145,56 @@ def main():
 
     edits = [0]
 
-    def edit():
+    def edit(d):
         edits[0] += 1
         (src / "f0.py").write_text("print(0)  # edit %d\n" % edits[0])
 
-    def disconnect():
-        run("hosts", "--disconnect")
+    def disconnect(d):
+        run("hosts", "--disconnect", name[d])
 
-    results = {}
+    results = {d: {} for d in delays}
+
+    def measure(label, argv, before=None):
+        """argv(d, i) -> the command for delay d, run i; runs alternate between the delays."""
+        times = {d: [] for d in delays}
+        for i in range(a.runs):
+            for d in delays:
+                if before:
+                    before(d)
+                times[d].append(_t(argv(d, i), env, src))
+        for d in delays:
+            results[d][label] = statistics.median(times[d])
+
     try:
-        run("status", "--host", "tower")  # ships the agent
-        job = run("submit", "-q", "--", "echo", "hello").strip()
+        jobs, victims = {}, {}
+        for d in delays:
+            run("status", "--host", name[d])  # ships the agent, opens rtrain's shared connection
+            jobs[d] = run("submit", "-q", "--host", name[d], "--", "echo", "hello").strip()
+        measure("ssh true, new connection", lambda d, i: ssh(d, "-o", "ControlPath=none", target, "true"))
+        for d in delays:
+            subprocess.run(ssh(d, "-M", "-N", "-f", "-o", "ControlPath=" + mpath[d], target), env=env, check=True)
+        measure("ssh true, over a master", lambda d, i: ssh(d, "-o", "ControlPath=" + mpath[d], target, "true"))
+        measure("status", lambda d, i: rt + ["status", "--host", name[d]])
+        measure("logs JOB", lambda d, i: rt + ["logs", jobs[d]])
+        measure("gpus", lambda d, i: rt + ["gpus", "--host", name[d]])
+        for d in delays:
+            victims[d] = [run("submit", "-q", "--host", name[d], "--", "sleep", "600").strip()
+                          for _ in range(a.runs)]
         time.sleep(1)
-        for d in (0.0, a.delay_ms / 1000.0):
-            proxy.delay = d
-            disconnect()
-            run("status", "--host", "tower")  # a master through the proxy at this delay
-            r = {}
-            r["ssh true, new connection"] = timed(ssh + ["-o", "ControlPath=none", target, "true"], env, src, a.runs)
-            subprocess.run(ssh + ["-M", "-N", "-f", "-o", "ControlPath=" + mpath, target], env=env, check=True)
-            r["ssh true, over a master"] = timed(ssh + ["-o", "ControlPath=" + mpath, target, "true"], env, src, a.runs)
-            subprocess.run(["ssh", "-o", "ControlPath=" + mpath, "-O", "exit", "x"], capture_output=True)
-            r["status"] = timed(rt + ["status", "--host", "tower"], env, src, a.runs)
-            r["status (all hosts: local too)"] = timed(rt + ["status"], env, src, a.runs)
-            r["logs JOB"] = timed(rt + ["logs", job], env, src, a.runs)
-            r["gpus"] = timed(rt + ["gpus", "--host", "tower"], env, src, a.runs)
-            victims = [run("submit", "-q", "--", "sleep", "600").strip() for _ in range(a.runs)]
-            time.sleep(1)
-            r["cancel"] = statistics.median([_t(rt + ["cancel", v], env, src) for v in victims])
-            r["submit, unchanged tree"] = timed(rt + ["submit", "-q", "--", "true"], env, src, a.runs)
-            r["submit, one file changed"] = timed(rt + ["submit", "-q", "--", "true"], env, src, a.runs,
-                                                  before=edit)
-            r["status, cold (no shared connection)"] = timed(rt + ["status", "--host", "tower"], env, src,
-                                                             a.runs, before=disconnect)
-            results[d] = r
+        measure("cancel", lambda d, i: rt + ["cancel", victims[d][i]])
+        measure("submit, unchanged tree", lambda d, i: rt + ["submit", "-q", "--host", name[d], "--", "true"])
+        measure("submit, one file changed", lambda d, i: rt + ["submit", "-q", "--host", name[d], "--", "true"],
+                before=edit)
+        measure("status, cold (no shared connection)", lambda d, i: rt + ["status", "--host", name[d]],
+                before=disconnect)
     finally:
         try:
-            disconnect()
+            run("hosts", "--disconnect")
         except subprocess.CalledProcessError:
             pass
         from launcher.openssh import close_master
-        close_master("ssh", mpath)
+        for p in mpath.values():
+            close_master("ssh", p)
         lock = Path("/home") / USER / home / "daemon.lock"
         try:
             os.kill(int(lock.read_text().strip()), 9)
@@ -202,8 +209,11 @@ def main():
 
 def _t(argv, env, cwd):
     t = time.perf_counter()
-    subprocess.run(argv, env=env, cwd=str(cwd), check=True, capture_output=True)
-    return time.perf_counter() - t
+    p = subprocess.run(argv, env=env, cwd=str(cwd), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    dt = time.perf_counter() - t
+    if p.returncode != 0:
+        raise SystemExit("%s failed (%d): %s" % (" ".join(map(str, argv)), p.returncode, p.stderr.decode()))
+    return dt
 
 
 def report(a, results):
@@ -228,8 +238,8 @@ def report(a, results):
         g = goals.get(k, "")
         met = "" if k not in limit else ("  met" if rtt(k) <= limit[k] + 0.05 else "  MISSED")
         print("%-38s %7.0fms %7.0fms %12.1f   %s%s" % (k, r0[k] * 1000, r1[k] * 1000, rtt(k), g, met))
-    print("rtrain rows: warm shared connection (rtrain's own master), unless marked cold; "
-          "`--host tower` unless marked; cancel: a running `sleep`")
+    print("rtrain rows: warm shared connection (rtrain's own master), unless marked cold; one host "
+          "(--host); cancel: a running `sleep`; logs: a finished job's one-line log")
 
 
 if __name__ == "__main__":
