@@ -388,8 +388,8 @@ def logs(session, ref, follow=False, tail=None, retry_for=None, sleep=time.sleep
                     elif "hb" in frame:
                         if offset is None:
                             offset = frame["hb"]
-            except AgentReplyError as e:
-                if e.code == "no_such_job":
+            except AgentReplyError as err:
+                if err.code == "no_such_job":
                     raise hostsmod.not_found(ref)
                 raise
             except HostError as e:
