@@ -80,7 +80,7 @@ def bench_rtrain(n, tmp):
     # end of one job (its wrapper saw it exit) -> the daemon marks the next one started
     handoff = [by_id[b]["started_at"] - by_id[a]["ended_at"] for a, b in zip(ids, ids[1:])]
     subprocess.run(rt + ["status"], cwd=src, env=env, capture_output=True)
-    pid = int((tmp / "home" / "daemon.lock").read_text() or 0)
+    pid = int(json.loads((tmp / "home" / "daemon.lock").read_text() or "{}").get("pid") or 0)
     if pid:
         try:
             os.kill(pid, 9)
@@ -129,7 +129,8 @@ def main():
         t = bench_tsp(args.n, tmp / "t")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    ms = lambda x: "%.1f ms" % (x * 1000)
+    def ms(x):
+        return "%.1f ms" % (x * 1000)
     print("dispatch benchmark, %d trivial jobs on one slot, %s" % (args.n, time.strftime("%Y-%m-%d")))
     print("%-34s %14s %14s %8s" % ("", "rtrain", "tsp", "ratio"))
     rows = [("submit, median", statistics.median(r["submit"]), t and statistics.median(t["submit"])),

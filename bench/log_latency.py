@@ -160,7 +160,7 @@ def _cleanup(log):
         return
     home = Path(log).parents[2]
     try:
-        os.kill(int((home / "daemon.lock").read_text().strip()), 15)
+        os.kill(int(json.loads((home / "daemon.lock").read_text())["pid"]), 15)
     except (OSError, ValueError):
         pass
     shutil.rmtree(home, ignore_errors=True)

@@ -25,6 +25,7 @@ tests' teardown kills every process of their test users, which would cut these r
 Usage: python3 bench/sync.py [--files 10000] [--runs 3] [--keep] [--baseline CHECKOUT]
 """
 import argparse
+import json
 import os
 import random
 import shlex
@@ -224,10 +225,10 @@ class Bench:
             full = Path("/home") / USER / d
             lock = full / "daemon.lock"
             try:
-                pid = int(lock.read_text().strip() or 0)
+                pid = int(json.loads(lock.read_text() or "{}").get("pid") or 0)
                 if pid:
                     os.kill(pid, 9)
-            except (OSError, ValueError):
+            except (OSError, ValueError, AttributeError):
                 pass
             shutil.rmtree(str(full), ignore_errors=True)
 
@@ -282,7 +283,7 @@ def main():
             for k in ("first", "re", "same", "small"):
                 r["%s_%s" % (tag, k)] = []
         edits = 0
-        for i in range(args.runs):
+        for _ in range(args.runs):
             d = b.remote_dir("tar")
             r["tar_first"].append(b.tar(src, d))
             d = b.remote_dir("rsync")
@@ -329,7 +330,8 @@ def make_tree_small(root):
 
 
 def report(args, nfiles, nbytes, m, raw):
-    ms = lambda x: "%8.0f ms" % (x * 1000)
+    def ms(x):
+        return "%8.0f ms" % (x * 1000)
     base = bool(args.baseline)
     print("sync benchmark, %s, %d CPUs, sshd on 127.0.0.1 (ed25519 key), medians of %d runs" % (
         time.strftime("%Y-%m-%d"), os.cpu_count(), args.runs))
@@ -337,7 +339,8 @@ def report(args, nfiles, nbytes, m, raw):
     if base:
         print("baseline: the rtrain in %s" % args.baseline)
     print()
-    b = lambda k: ("%11s" % ms(m["base_" + k])) if base else ""
+    def b(k):
+        return ("%11s" % ms(m["base_" + k])) if base else ""
     bh = "%11s" % "baseline" if base else ""
     print("%-30s %11s%s %11s %11s   %s" % ("(a) tree sync", "rtrain", bh, "rsync -a", "tar|ssh", "ratio (goal)"))
     print("%-30s %11s%s %11s %11s   %.2fx of tar (<= 1.2x)" % (

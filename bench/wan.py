@@ -219,7 +219,10 @@ def _t(argv, env, cwd):
 def report(a, results):
     d = a.delay_ms / 1000.0
     r0, r1 = results[0.0], results[d]
-    rtt = lambda k: (r1[k] - r0[k]) / (2 * d)
+
+    def rtt(k):
+        return (r1[k] - r0[k]) / (2 * d)
+
     base = rtt("ssh true, over a master")
     cold = rtt("ssh true, new connection")
     goals = {"status": "<= %.1f (1.2x ssh over a master)" % (1.2 * base),

@@ -2,4 +2,4 @@
 
 Kept import-free on purpose: `rtrain --version` must not pull in paramiko or rich.
 """
-__version__ = "0.1.0"
+from .agent.protocol import VERSION as __version__  # noqa: F401 - the one version string

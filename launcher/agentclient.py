@@ -9,9 +9,9 @@ import json
 import threading
 
 from . import agentpkg
+from .agent.protocol import PROTOCOL
 from .errors import AgentReplyError, HostError
 
-PROTOCOL = 1
 # Verbs whose small requests (no secrets in them) may travel as an argument: see _start
 INLINE_VERBS = ("hello", "status", "gpus", "cancel", "logs", "outputs", "read")
 INLINE_MAX = 16 << 10
@@ -40,19 +40,21 @@ class AgentClient:
             req["home"] = self.host.home
         return req
 
-    def sched(self):
-        gpus = self.host.gpus
-        return {"mem_busy_mib": self.host.mem_busy_mib,
-                "visible": None if gpus == "all" else list(gpus),
-                "lock_dir": getattr(self.host, "lock_dir", None),
-                "nvidia_smi": getattr(self.host, "nvidia_smi", None)}
+    def settings(self):
+        """This host's scheduling settings (agent/settings.py), as requests carry them."""
+        from .agent.settings import Settings
+        h = self.host
+        return Settings(mem_busy_mib=h.mem_busy_mib, visible=None if h.gpus == "all" else tuple(h.gpus),
+                        lock_dir=h.lock_dir, nvidia_smi=h.nvidia_smi or "nvidia-smi").to_dict()
 
-    def agent_path(self, verified=False):
+    def agent_path(self):
+        """Where the agent is on the host: named without asking it where the transport can
+        (agent_path_unchecked: then unverified until a call shows it is there), else shipped."""
         with self._lock:
-            if self._path is None or (verified and self._unverified):
+            if self._path is None:
                 blob, digest = agentpkg.build()
                 guess = getattr(self.transport, "agent_path_unchecked", None)
-                if guess is not None and not verified:
+                if guess is not None:
                     self._path, self._unverified = guess(digest), True
                 else:
                     self._path, self._unverified = self.transport.ensure_agent(blob, digest), False
@@ -147,12 +149,9 @@ class AgentClient:
             raise
         return proc
 
-    def call(self, verb, req=None, payload=None):
-        """Run one verb; return its result dict or raise AgentReplyError / HostError.
-        `payload` is an iterable of bytes sent after the request line."""
-        if payload is not None:
-            self.agent_path(verified=True)  # a payload cannot be sent twice
-        return self._shipping(lambda: self._call(verb, req, payload))
+    def call(self, verb, req=None):
+        """Run one verb; return its result dict or raise AgentReplyError / HostError."""
+        return self._shipping(lambda: self._call(verb, req))
 
     def exchange(self, verb, req, respond):
         """Run a verb that may ask for more mid-way: each frame it writes before its reply (a
@@ -197,13 +196,9 @@ class AgentClient:
         finally:
             proc.close_stdin()
 
-    def _call(self, verb, req, payload):
-        proc = self._start(verb, req or {}, inline=payload is None)
+    def _call(self, verb, req):
+        proc = self._start(verb, req or {}, inline=True)
         try:
-            if payload is not None:
-                early = _send(proc, payload)
-                if early is not None:
-                    return self._reply(proc, early, verb)
             proc.close_stdin()
             line = proc.readline()
         except BaseException:

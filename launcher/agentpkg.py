@@ -62,11 +62,17 @@ _cache = {}
 
 
 def _sources():
+    """(path relative to launcher/agent, bytes) of every module of the agent, sorted."""
     here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "agent")
-    for name in sorted(os.listdir(here)):
-        if name.endswith(".py"):
-            with open(os.path.join(here, name), "rb") as f:
-                yield name, f.read()
+    found = []
+    for d, dirs, names in os.walk(here):
+        dirs[:] = [x for x in dirs if x != "__pycache__"]
+        for name in names:
+            if name.endswith(".py"):
+                found.append(os.path.relpath(os.path.join(d, name), here).replace(os.sep, "/"))
+    for rel in sorted(found):
+        with open(os.path.join(here, rel), "rb") as f:
+            yield rel, f.read()
 
 
 def build():

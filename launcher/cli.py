@@ -1,4 +1,6 @@
-"""The `rtrain` command: parses arguments, calls app, prints. The only module that prints or exits."""
+"""The `rtrain` command: its arguments, and the one place where errors become exit codes.
+The CLI layer is this module, commands.py (one handler per verb) and render.py (how things
+look): the only modules that print."""
 import argparse
 import sys
 
@@ -6,7 +8,7 @@ from . import __version__
 from .errors import EXIT_ERROR, EXIT_INTERRUPTED, RtrainError
 
 EPILOG = """examples:
-  rtrain submit --gpus 2 -- python train.py --lr 3e-4
+  rtrain submit --gpus 2 -- python3 train.py --lr 3e-4
   rtrain status
   rtrain logs 12 -f
   rtrain cancel 12
@@ -101,6 +103,7 @@ def _add_common(p, default=None):
 
 
 def main(argv=None):
+    from . import render
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -116,29 +119,23 @@ def main(argv=None):
         if args.debug:
             import traceback
             traceback.print_exc()
-        _error(e.message, e.hint)
+        render.error(e.message, e.hint)
         return e.exit_code
     except BrokenPipeError:
         return EXIT_ERROR
     except Exception as e:  # noqa: BLE001 - one line unless --debug
         if args.debug:
             raise
-        _error("unexpected error: %s: %s" % (type(e).__name__, e), "run again with --debug and report it")
+        render.error("unexpected error: %s: %s" % (type(e).__name__, e), "run again with --debug and report it")
         return EXIT_ERROR
 
 
-def _error(message, hint=""):
-    sys.stderr.write("rtrain: error: %s\n" % message)
-    if hint:
-        sys.stderr.write("  hint: %s\n" % hint)
-
-
 def _session(args):
-    from . import app, config
+    from . import config, session
     cfg = config.load(args.hosts)
-    return app.Session(cfg, accept_new_host_key=args.accept_new_host_key)
+    return session.Session(cfg, accept_new_host_key=args.accept_new_host_key)
 
 
 def _dispatch(args):
     from . import commands
-    return getattr(commands, "cmd_" + args.verb)(args, _session)
+    return commands.HANDLERS[args.verb](args, _session)

@@ -1,13 +1,12 @@
-"""The CLI's verb handlers: call app, hand results to render, choose the exit code.
-Part of the CLI layer (with cli.py and render.py): the only modules that print."""
+"""The CLI's verb handlers (HANDLERS, at the end): call the verbs, hand their results to
+render, choose the exit code. Part of the CLI layer (with cli.py and render.py): the only
+modules that print."""
 import json
 import os
 import sys
 import time
 
-from .errors import RtrainError
-
-EXIT_INTERRUPTED = 130
+from .errors import EXIT_INTERRUPTED, RtrainError
 
 
 def _parse_env(pairs):
@@ -21,15 +20,15 @@ def _parse_env(pairs):
 
 
 def cmd_submit(args, session_factory):
-    from . import app, render
+    from . import render, submit
     cmd = list(args.command)
     if cmd and cmd[0] == "--":
         cmd = cmd[1:]
     if not cmd:
-        raise RtrainError("no command to run", "put it after `--`: rtrain submit -- python train.py")
+        raise RtrainError("no command to run", "put it after `--`: rtrain submit -- python3 train.py")
     err = render.Stderr(quiet=args.quiet)
     with session_factory(args) as s:
-        job = app.submit(
+        job = submit.submit(
             s, cmd, host=args.host, gpus=args.gpus, name=args.name, priority=args.priority,
             retries=args.retries, env=_parse_env(args.env), root=args.dir,
             confirm_large=lambda info: args.yes or render.confirm_large(info),
@@ -82,10 +81,10 @@ def _follow(session, ref, tail, follow=True, quiet=False):
     """Print a job's log as it comes, byte for byte. Following, return the job's exit code when
     it ends (1 when it has none: lost, or killed by a signal it reports none for), 130 on Ctrl-C
     (the job goes on)."""
-    from . import app
+    from . import logs
     out = sys.stdout.buffer
     try:
-        for ev in app.logs(session, ref, follow=follow, tail=tail):
+        for ev in logs.logs(session, ref, follow=follow, tail=tail):
             kind = ev[0]
             if kind == "data":
                 out.write(ev[1])
@@ -121,16 +120,14 @@ def _follow(session, ref, tail, follow=True, quiet=False):
 
 
 def cmd_cancel(args, session_factory):
-    from . import app
+    from . import app, render
     code = 0
     with session_factory(args) as s:
         for ref in args.jobs:
             try:
                 job = app.cancel(s, ref)
             except RtrainError as e:
-                sys.stderr.write("rtrain: error: %s\n" % e.message)
-                if e.hint:
-                    sys.stderr.write("  hint: %s\n" % e.hint)
+                render.error(e.message, e.hint)
                 code = 1
                 continue
             if job["was"] in ("queued", "running"):
@@ -179,7 +176,7 @@ def cmd_pull(args, session_factory):
 
 
 def cmd_hosts(args, session_factory):
-    from . import app, render
+    from . import doctor, render
     if args.disconnect:
         from . import connections
         with session_factory(args) as s:
@@ -191,6 +188,10 @@ def cmd_hosts(args, session_factory):
             print("closed %d other shared connection(s)" % others)
         return 0
     with session_factory(args) as s:
-        results = app.doctor(s, args.host)
+        results = doctor.doctor(s, args.host)
     render.doctor(results)
     return 0 if all(c["ok"] is not False for _, checks in results for c in checks) else 1
+
+
+HANDLERS = {"submit": cmd_submit, "status": cmd_status, "logs": cmd_logs, "cancel": cmd_cancel,
+            "pull": cmd_pull, "hosts": cmd_hosts, "gpus": cmd_gpus}

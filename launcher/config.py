@@ -114,9 +114,11 @@ def parse(path):
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ConfigError("%s: YAML syntax error: %s" % (where, problem),
                           "fix the YAML at that line (hosts.example.yaml shows the format)")
-    hosts = {"local": LOCAL}
+    # `local` (this machine) is a host only where the file lists it (`local:` alone will do),
+    # so a file that names only towers never asks this machine anything
+    hosts = {}
     if root is None:
-        return Config(path=path, default="local", hosts=hosts)
+        return Config(path=path, default="local", hosts={"local": LOCAL})
     if not isinstance(root, yaml.MappingNode):
         raise ConfigError("%s:%d: the file must be a mapping with `hosts:`" % (path, root.start_mark.line + 1),
                           "see hosts.example.yaml")
@@ -137,6 +139,9 @@ def parse(path):
                                   "see hosts.example.yaml")
             for hk, hv in vnode.value:
                 hosts[hk.value] = _host(path, hk.value, hk.start_mark.line + 1, hv)
+    if not hosts:
+        raise ConfigError("%s: `hosts:` lists no host" % path,
+                          "add one (see hosts.example.yaml), or remove the file to use this machine")
     if default is not None and default not in hosts:
         raise ConfigError("%s:%d: default host '%s' is not defined; hosts: %s" % (
             path, default_line, default, ", ".join(hosts)), "add it under `hosts:` or fix the name")
@@ -145,7 +150,10 @@ def parse(path):
 
 def _host(path, name, line, node):
     import yaml
-    if node is None or (isinstance(node, yaml.ScalarNode) and node.value in ("", "null", "~")):
+    empty = node is None or (isinstance(node, yaml.ScalarNode) and node.value in ("", "null", "~"))
+    if name == "local" and empty:
+        return LOCAL
+    if empty:
         raise ConfigError("%s:%d: host '%s' has no settings" % (path, line, name),
                           "give it at least `ssh: user@host` (see hosts.example.yaml)")
     if not isinstance(node, yaml.MappingNode):
@@ -168,7 +176,7 @@ def _host(path, name, line, node):
             if not isinstance(data[key], str) or not data[key]:
                 bad(key, "a non-empty string")
             kw[key] = data[key]
-    kind = data.get("kind", "ssh" if "ssh" in data else None)
+    kind = data.get("kind", "ssh" if "ssh" in data else "local" if name == "local" else None)
     if kind not in ("local", "ssh"):
         if kind is None:
             raise ConfigError("%s:%d: host '%s' has no `ssh:` (and is not `kind: local`)" % (path, line, name),

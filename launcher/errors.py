@@ -1,9 +1,7 @@
 """One base error with a hint, and the exit codes the CLI uses."""
 
-EXIT_OK = 0
 EXIT_ERROR = 1
-EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130  # Ctrl-C (and `logs -f` detached): 128 + SIGINT, as shells report it
 
 
 class RtrainError(Exception):
@@ -38,6 +36,10 @@ class HostError(RtrainError):
 
 class JobNotFound(RtrainError):
     pass
+
+
+class SyncError(RtrainError):
+    """The tree changed while it was read or sent, or git could not list it."""
 
 
 class AgentReplyError(RtrainError):

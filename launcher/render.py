@@ -12,8 +12,20 @@ STATE_STYLE = {"queued": "yellow", "running": "cyan", "succeeded": "green", "fai
 
 
 def _console(stderr=False):
+    """A rich Console. Piped to a file or another program, lines are never wrapped or cut (GPU
+    names, UUIDs and commands come out whole); on a terminal, its width."""
     from rich.console import Console
-    return Console(stderr=stderr, highlight=False)
+    stream = sys.stderr if stderr else sys.stdout
+    tty = hasattr(stream, "isatty") and stream.isatty()
+    return Console(stderr=stderr, highlight=False, width=None if tty else 100000,
+                   soft_wrap=not tty)
+
+
+def error(message, hint=""):
+    """`rtrain: error: MESSAGE` and its hint on stderr: how every error reaches the user."""
+    sys.stderr.write("rtrain: error: %s\n" % message)
+    if hint:
+        sys.stderr.write("  hint: %s\n" % hint)
 
 
 def job_json(job):
@@ -84,9 +96,7 @@ def job_table(jobs, failures=(), hidden=0):
 def host_errors(failures):
     """`rtrain: error: ...` and its hint on stderr for each (host, error)."""
     for _host, err in failures:
-        sys.stderr.write("rtrain: error: %s\n" % err.message)
-        if err.hint:
-            sys.stderr.write("  hint: %s\n" % err.hint)
+        error(err.message, err.hint)
 
 
 def job_detail(job):

@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from support import REPO, SHARED, in_ci, need, stop_agent  # noqa: E402,F401
+from support import REPO, SHARED, daemon_pid, in_ci, need, stop_agent  # noqa: E402,F401
 
 
 class World:
@@ -69,11 +69,7 @@ class World:
         raise AssertionError("job %s still %s after %ss" % (job, j["state"], timeout))
 
     def daemon_pid(self):
-        try:
-            pid = int((self.home / "daemon.lock").read_text().strip())
-        except (OSError, ValueError):
-            return None
-        return pid
+        return daemon_pid(self.home)
 
     def cleanup(self):
         """Stop the daemon and every job process this world started."""

@@ -49,7 +49,7 @@ class FreezingProxy:
 
     def freeze(self):
         n = 0
-        for c, s, frozen in self.conns:
+        for _, _, frozen in self.conns:
             if not frozen.is_set():
                 frozen.set()
                 n += 1

@@ -31,14 +31,18 @@ def need(condition, reason):
         pytest.skip(reason)
 
 
+def daemon_pid(home):
+    """The pid of the daemon that last held RTRAIN_HOME's lock (its lock file: {"pid", "argv"})."""
+    try:
+        return int(json.loads((Path(str(home)) / "daemon.lock").read_text())["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def stop_agent(home):
     """SIGKILL, by pid, the daemon and every job process of the agent whose RTRAIN_HOME is
     `home` (a Path): what a test leaves running."""
-    targets = []
-    try:
-        targets.append((int((home / "daemon.lock").read_text().strip()), False))
-    except (OSError, ValueError):
-        pass
+    targets = [(daemon_pid(home), False)]
     for f in home.glob("jobs/*/pid.json"):
         try:
             info = json.loads(f.read_text())
@@ -94,3 +98,53 @@ def one_error(p, *needles, anywhere=False):
     for n in needles:
         assert n in where, "%r not in %r" % (n, where)
     return lines
+
+
+def path_without(names, where):
+    """A PATH on which the programs `names` are not found, whatever this machine has installed
+    (a real or stray nvidia-smi in /usr/local/bin, say): a folder under `where` holding a link
+    to every other program of $PATH, first one of each name wins, as a lookup would."""
+    d = Path(str(where)) / ("path-without-%s" % "-".join(sorted(names)))
+    d.mkdir(parents=True, exist_ok=True)
+    for folder in os.environ.get("PATH", "").split(os.pathsep):
+        try:
+            entries = os.listdir(folder)
+        except OSError:
+            continue
+        for name in entries:
+            full = os.path.join(folder, name)
+            if name in names or (d / name).exists() or not os.access(full, os.X_OK):
+                continue
+            try:
+                os.symlink(full, str(d / name))
+            except OSError:
+                pass
+    return str(d)
+
+
+def blob_bytes(st, h):
+    """A blob's bytes as a job gets them: materialized into a work dir of its own."""
+    import shutil
+    import tempfile
+    from launcher.agent.materialize import materialize
+    d = tempfile.mkdtemp()
+    try:
+        materialize(st, [{"path": "f", "type": "file", "hash": h, "size": None, "exec": False}], d)
+        with open(os.path.join(d, "f"), "rb") as f:
+            return f.read()
+    finally:
+        shutil.rmtree(d)
+
+
+def store_blobs(root):
+    """Every blob in the store at root, sorted: loose files and pack index rows."""
+    import sqlite3
+    out = set()
+    for name in os.listdir(str(root)):
+        d = os.path.join(str(root), name)
+        if len(name) == 2 and os.path.isdir(d):
+            out.update(name + rest for rest in os.listdir(d))
+    con = sqlite3.connect(os.path.join(str(root), "index.sqlite"))
+    out.update(h for (h,) in con.execute("SELECT hash FROM packed"))
+    con.close()
+    return sorted(out)

@@ -1,13 +1,16 @@
-"""The job table: SQLite in WAL mode under RTRAIN_HOME."""
+"""The job table: SQLite in WAL mode under RTRAIN_HOME.
+
+The schema has a version (PRAGMA user_version). A home made by an older agent is migrated in
+place, in one transaction, the first time a newer agent opens it (migrate()); a version newer
+than this agent knows is refused rather than misread.
+"""
 import json
 import sqlite3
 import time
 
-STATES = ("queued", "running", "succeeded", "failed", "cancelled", "lost")
-ACTIVE = ("queued", "running")
+SCHEMA_VERSION = 1
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
+COLUMNS = """
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     name TEXT NOT NULL,
     command TEXT NOT NULL,
@@ -25,15 +28,16 @@ CREATE TABLE IF NOT EXISTS jobs (
     ended_at REAL,
     wrapper_pid INTEGER,
     wrapper_start TEXT,
-    pgid INTEGER,
     boot_id TEXT,
     git_commit TEXT,
     git_dirty INTEGER,
-    env TEXT NOT NULL DEFAULT '{}',
     grace REAL NOT NULL DEFAULT 10,
     files INTEGER NOT NULL DEFAULT 0,
-    bytes INTEGER NOT NULL DEFAULT 0
-);
+    bytes INTEGER NOT NULL DEFAULT 0,
+    settings TEXT NOT NULL DEFAULT '{}'
+"""
+
+INDEXES = """
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
 CREATE INDEX IF NOT EXISTS jobs_submitted ON jobs(submitted_at);
 CREATE TABLE IF NOT EXISTS tokens (token TEXT PRIMARY KEY, id INTEGER NOT NULL);
@@ -44,14 +48,49 @@ PUBLIC = ("id", "name", "command", "gpus_requested", "priority", "retries", "att
           "git_commit", "files", "bytes")
 
 
-def connect(path):
+class SchemaError(Exception):
+    pass
+
+
+def connect(path, legacy_settings=None):
+    """Open (creating or migrating) the job database. legacy_settings() -> the Settings dict to
+    give jobs of a home from before settings were stored per job."""
     con = sqlite3.connect(path, timeout=60, isolation_level=None)
     con.row_factory = sqlite3.Row
     con.execute("PRAGMA journal_mode=WAL")
     con.execute("PRAGMA synchronous=NORMAL")
     con.execute("PRAGMA busy_timeout=60000")
-    con.executescript(SCHEMA)
+    if con.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
+        migrate(con, legacy_settings)
     return con
+
+
+def migrate(con, legacy_settings=None):
+    """Bring the database to SCHEMA_VERSION. Version 0 is either a new file or a home of the
+    first agents (jobs with `env` and `pgid` columns, settings in config.json)."""
+    with Tx(con):
+        version = con.execute("PRAGMA user_version").fetchone()[0]
+        if version == SCHEMA_VERSION:
+            return
+        if version > SCHEMA_VERSION:
+            raise SchemaError("the job database was written by a newer rtrain agent (schema %d, "
+                              "this agent knows %d)" % (version, SCHEMA_VERSION))
+        old = [r[1] for r in con.execute("PRAGMA table_info(jobs)")]
+        if not old:
+            con.execute("CREATE TABLE jobs (%s)" % COLUMNS)
+        else:
+            con.execute("CREATE TABLE jobs_new (%s)" % COLUMNS)
+            new = [r[1] for r in con.execute("PRAGMA table_info(jobs_new)")]
+            keep = [c for c in new if c in old and c != "settings"]
+            con.execute("INSERT INTO jobs_new (%s, settings) SELECT %s, ? FROM jobs" % (
+                ",".join(keep), ",".join(keep)),
+                (json.dumps(legacy_settings() if legacy_settings else {}),))
+            con.execute("DROP TABLE jobs")
+            con.execute("ALTER TABLE jobs_new RENAME TO jobs")
+        for stmt in INDEXES.strip().split(";"):
+            if stmt.strip():
+                con.execute(stmt)
+        con.execute("PRAGMA user_version=%d" % SCHEMA_VERSION)
 
 
 class Tx:
@@ -79,12 +118,12 @@ def to_public(row):
 def insert_job(con, spec):
     cur = con.execute(
         "INSERT INTO jobs (name, command, gpus_requested, priority, retries, state, submitted_at,"
-        " git_commit, git_dirty, env, grace, files, bytes) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        " git_commit, git_dirty, grace, files, bytes, settings) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
         (spec["name"], spec["command"], spec["gpus"], spec["priority"], spec["retries"], "queued",
          time.time(), spec.get("git_commit"),
          None if spec.get("git_dirty") is None else int(bool(spec["git_dirty"])),
-         json.dumps(spec.get("env") or {}), spec.get("grace", 10.0),
-         spec.get("files", 0), spec.get("bytes", 0)))
+         spec.get("grace", 10.0), spec.get("files", 0), spec.get("bytes", 0),
+         json.dumps(spec.get("settings") or {})))
     return cur.lastrowid
 
 

@@ -1,6 +1,9 @@
-"""Small file helpers: atomic JSON writes, process liveness without pid-reuse mistakes."""
+"""Small file helpers: atomic JSON writes, process liveness without pid-reuse mistakes, FIFO
+wake-ups."""
+import errno
 import json
 import os
+import stat
 
 
 def write_json_atomic(path, obj, durable=True):
@@ -83,3 +86,36 @@ def alive(pid, start_time=None):
     except PermissionError:
         return True
     return True
+
+
+def poke_fifo(path):
+    """Write one byte to the FIFO at path, without blocking and without following a symlink: it
+    wakes whoever reads it. False when nobody reads it (ENXIO), it is gone (ENOENT) or it is not
+    a FIFO; True when woken. Other errors (ELOOP: a symlink, EACCES: not ours) are raised."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0))
+    except OSError as e:
+        if e.errno in (errno.ENXIO, errno.ENOENT):
+            return False
+        raise
+    try:
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            return False
+        try:
+            os.write(fd, b"x")
+        except OSError:
+            pass  # a full FIFO already holds a wake-up
+        return True
+    finally:
+        os.close(fd)
+
+
+def close_quietly(fd):
+    """Close fd if it is one (not None), ignoring errors: for cleanup paths. Returns None, for
+    `self.fd = close_quietly(self.fd)`."""
+    if fd is not None:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    return None

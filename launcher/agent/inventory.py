@@ -3,22 +3,14 @@
 A submit must refuse more GPUs than the host has. Asking nvidia-smi for that on every submit
 costs tens of milliseconds (more with many GPUs), and the answer changes only when the driver or
 the hardware does; so the daemon and submit record each answer here, and submit trusts one that
-is younger than MAX_AGE_S and was given by the same nvidia-smi for the same visible GPUs.
+is younger than MAX_AGE_S and was given by the same nvidia-smi for the same visible GPUs
+(Settings.gpu_count_key).
 """
 import json
 import os
-import shutil
 import time
 
-from . import gpus
-
 MAX_AGE_S = 30.0
-
-
-def key(cfg):
-    """What the count depends on. `resolved` is None when nvidia-smi is not on PATH."""
-    return {"nvidia_smi": cfg["nvidia_smi"], "visible": cfg["visible"],
-            "resolved": shutil.which(gpus.base_argv(cfg["nvidia_smi"])[0])}
 
 
 def save(home, k, count):

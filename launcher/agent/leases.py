@@ -14,6 +14,8 @@ import os
 import re
 import stat
 
+from . import fsutil
+
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]")
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _DIRECTORY = getattr(os, "O_DIRECTORY", 0)
@@ -67,13 +69,6 @@ def _problem(path):
     return None
 
 
-def check_dir(path):
-    """None if the lock directory at path exists and is safe to use, else a one-line message
-    (what is wrong; what to do)."""
-    problem = _problem(path)
-    return None if problem is None else str(problem)
-
-
 def ensure_dir(path):
     """The shared lock directory at path, made (mode 1777, whatever the umask) if missing.
     Raises LockDirError if it can't be made or is not safe to share (see _problem)."""
@@ -81,6 +76,8 @@ def ensure_dir(path):
         os.lstat(path)
     except FileNotFoundError:
         _make_dir(path)
+    except OSError:
+        pass  # cannot even look (EACCES above it): _problem says so
     problem = _problem(path)
     if problem is not None:
         raise problem
@@ -295,17 +292,9 @@ def wake_waiters(lock_dir, skip=None):
         if not (name.startswith(WAKE_PREFIX) and name.endswith(".fifo")) or name == skip:
             continue
         try:
-            fd = os.open(os.path.join(lock_dir, name),
-                         os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC | _NOFOLLOW)
+            fsutil.poke_fifo(os.path.join(lock_dir, name))
         except OSError:
-            continue  # ENXIO: nobody listens; ELOOP: a symlink; EACCES: not for us
-        try:
-            if stat.S_ISFIFO(os.fstat(fd).st_mode):
-                os.write(fd, b"x")
-        except OSError:
-            pass  # a full FIFO already holds a wake-up
-        finally:
-            os.close(fd)
+            continue  # ELOOP: a symlink; EACCES: not for us
 
 
 def pid_user(pid):

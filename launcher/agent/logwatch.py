@@ -12,6 +12,8 @@ import struct
 import sys
 import time
 
+from . import fsutil
+
 IN_MODIFY = 0x00000002
 IN_ATTRIB = 0x00000004
 IN_CLOSE_WRITE = 0x00000008
@@ -98,9 +100,4 @@ class Watch:
                 return names
 
     def close(self):
-        if self.fd is not None:
-            try:
-                os.close(self.fd)
-            except OSError:
-                pass
-            self.fd = None
+        self.fd = fsutil.close_quietly(self.fd)

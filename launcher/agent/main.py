@@ -8,9 +8,6 @@ import traceback
 from . import protocol
 from .protocol import AgentError
 
-AGENT_VERSION = "0.1.0"
-
-
 def agent_argv():
     """How to start this agent again (for the daemon): the zipapp, or the package in a checkout."""
     argv0 = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] else ""
@@ -74,16 +71,17 @@ def main(argv=None):
     verb = argv[0]
     out = sys.stdout
     from . import verbs
+    from .verbs.context import Context
     home = None
     code = 0
     try:
         fn = verbs.VERBS.get(verb)
         if fn is None:
             raise AgentError("bad_verb", "unknown verb %r (agent %s); known: %s" % (
-                verb, AGENT_VERSION, ", ".join(sorted(verbs.VERBS))))
+                verb, protocol.VERSION, ", ".join(sorted(verbs.VERBS))))
         stdin = sys.stdin.buffer
         req = _read_request(stdin, argv)
-        ctx = verbs.Context(req, stdin, out, agent_argv())
+        ctx = Context(req, stdin, out, agent_argv())
         home = ctx.home_root
         result = fn(ctx)
         if result is not None:
@@ -91,20 +89,13 @@ def main(argv=None):
     except AgentError as e:
         out.write(protocol.dumps(protocol.fail(e)))
         code = 1
-    except OSError as e:
-        mapped = _os_error(e, home or "RTRAIN_HOME")
-        if mapped is None:
-            traceback.print_exc()
-            mapped = AgentError("internal", "agent failed: %s" % e)
-        out.write(protocol.dumps(protocol.fail(mapped)))
-        code = 1
     except KeyboardInterrupt:
         code = 130
     except Exception as e:  # noqa: BLE001 - the client gets one line, stderr the traceback
-        mapped = _db_error(e, home or "RTRAIN_HOME")
+        mapped = (_os_error if isinstance(e, OSError) else _db_error)(e, home or "RTRAIN_HOME")
         if mapped is None:
             traceback.print_exc()
-            mapped = AgentError("internal", "agent failed: %r" % e)
+            mapped = AgentError("internal", "agent failed: %s" % (e if isinstance(e, OSError) else repr(e)))
         out.write(protocol.dumps(protocol.fail(mapped)))
         code = 1
     try:

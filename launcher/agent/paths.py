@@ -1,8 +1,23 @@
-"""Every path the agent uses, owned by one object (the submitit JobPaths idea)."""
+"""Every path the agent uses: RTRAIN_HOME (Home), one job's folder (JobPaths), the GPU lease dir."""
+import collections
 import os
 import stat
 
 DEFAULT_HOME = "~/.rtrain"
+
+# A job's folder, jobs/N/, and what it holds (JobPaths names them):
+JOB_FILES = (
+    ("dir", None),                       # the folder itself
+    ("manifest", "manifest.json"),       # its snapshot: paths, hashes, modes (docs/contracts.md)
+    ("work", "work"),                    # private copies of the snapshot: the job's cwd
+    ("build_error", "build-error.json"),  # why its work dir could not be built
+    ("env", "env.json"),                 # --env values, 0600: never in the job database
+    ("log", "log"),                      # stdout and stderr, byte for byte
+    ("pids", "pid.json"),                # its wrapper and process group (a new daemon adopts them)
+    ("cancel", "cancel"),                # there once it was asked to stop
+    ("exit_pending", "exit.pending"),    # the room its exit record is written into
+    ("exit", "exit.json"),               # its exit code or signal, written by its wrapper
+)
 
 
 def _default_lock_dir():
@@ -36,12 +51,17 @@ class Home:
         self.db = os.path.join(root, "jobs.sqlite")
         self.store = os.path.join(root, "store")
         self.jobs = os.path.join(root, "jobs")
-        self.config = os.path.join(root, "config.json")
+        self.config = os.path.join(root, "config.json")  # settings before they were per job
         self.gpu_inventory = os.path.join(root, "gpus.json")
         self.daemon_lock = os.path.join(root, "daemon.lock")
         self.daemon_fifo = os.path.join(root, "daemon.fifo")
         self.daemon_log = os.path.join(root, "daemon.log")
         self.tmp = os.path.join(root, "tmp")
+
+    def open_db(self):
+        """The job database (db.py), migrated if an older agent made it."""
+        from . import db, settings
+        return db.connect(self.db, lambda: settings.from_legacy_config(self.config).to_dict())
 
     def ensure(self):
         old = os.umask(0o077)
@@ -54,27 +74,20 @@ class Home:
             os.umask(old)
         return self
 
-    def job_dir(self, job_id):
-        return os.path.join(self.jobs, str(job_id))
+    def job(self, job_id):
+        """Every path of job `job_id` (JobPaths)."""
+        return JobPaths(os.path.join(self.jobs, str(job_id)))
 
-    def work(self, job_id):
-        return os.path.join(self.job_dir(job_id), "work")
 
-    def log(self, job_id):
-        return os.path.join(self.job_dir(job_id), "log")
+class JobPaths(collections.namedtuple("JobPaths", [name for name, _ in JOB_FILES])):
+    """The files of one job's folder, jobs/N/ (the submitit JobPaths idea): `dir` the folder,
+    the others as JOB_FILES says."""
 
-    def exit_file(self, job_id):
-        return os.path.join(self.job_dir(job_id), "exit.json")
+    __slots__ = ()
 
-    def env_file(self, job_id):
-        """The job's --env values: here (0600), never in the job database (DESIGN.md 8)."""
-        return os.path.join(self.job_dir(job_id), "env.json")
-
-    def pid_file(self, job_id):
-        return os.path.join(self.job_dir(job_id), "pid.json")
-
-    def cancel_file(self, job_id):
-        return os.path.join(self.job_dir(job_id), "cancel")
+    def __new__(cls, folder):
+        return super(JobPaths, cls).__new__(cls, *(
+            folder if rel is None else os.path.join(folder, rel) for _, rel in JOB_FILES))
 
 
 def lock_dir(requested=None):

@@ -1,17 +1,18 @@
 """Wire format between client and agent.
 
-Request: the first line of stdin is a JSON object; some verbs (put) read a binary
-stream after it. Reply: one JSON line on stdout:
+Request: the first line of stdin is a JSON object; `submit` may read a blob stream after it
+(docs/contracts.md). Reply: one JSON line on stdout:
 
     {"protocol": 1, "ok": true, "result": {...}}
     {"protocol": 1, "ok": false, "error": {"code": "...", "message": "...", "hint": "..."}}
 
-Streaming verbs (logs with follow) write several JSON lines, each a frame, and the
-last one carries "ok". Both sides check the protocol number.
+Streaming verbs (logs, read) and submit write frames (JSON lines without "protocol") before
+it; the reply is the line that carries "protocol". Both sides check the protocol number.
 """
 import json
 
 PROTOCOL = 1
+VERSION = "0.2.0"  # rtrain's version, client and agent alike (launcher/__init__.py reads it)
 
 
 class AgentError(Exception):

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 
-from . import fsutil, leases
+from . import containers, fsutil, leases
 
 SHELL = "/bin/bash" if os.path.exists("/bin/bash") else "/bin/sh"
 # The job gets a process group of its own (cancel signals the group). process_group= (3.11+)
@@ -47,6 +47,12 @@ def run_wrapper(home, job, lock_fds, poke, close_fds=()):
             state["cancelled"] = True
             if state["child"] is not None and state["term_at"] is None:
                 state["term_at"] = time.monotonic()
+                if state.get("container"):
+                    # the engine stops it: SIGTERM, SIGKILL after the grace period
+                    _container_stop(state["container"], grace)
+                    signal.signal(signal.SIGALRM, lambda s, f: _container_kill(state))
+                    signal.alarm(grace + CONTAINER_STOP_SLACK_S)
+                    return
                 _killpg(state["child"], signal.SIGTERM)
                 signal.signal(signal.SIGALRM, lambda s, f: _killpg(state["child"], signal.SIGKILL))
                 signal.alarm(grace)
@@ -72,10 +78,6 @@ def run_wrapper(home, job, lock_fds, poke, close_fds=()):
 # (JSON allows the trailing spaces), then renames it to exit.json. Overwriting reserved blocks
 # needs no new space on ext4/xfs/tmpfs; on a copy-on-write file system (btrfs, zfs) it may.
 EXIT_ROOM = 4096
-
-
-def pending_exit_file(home, job_id):
-    return os.path.join(home.job_dir(job_id), "exit.pending")
 
 
 def _reserve_exit(path):
@@ -113,11 +115,11 @@ def _write_exit(home, job_id, reserved, record):
     if reserved is not None and len(data) <= EXIT_ROOM:
         try:
             os.pwrite(reserved, data, 0)
-            os.rename(pending_exit_file(home, job_id), home.exit_file(job_id))
+            os.rename(home.job(job_id).exit_pending, home.job(job_id).exit)
             return
         except OSError:
             pass
-    fsutil.write_json_atomic(home.exit_file(job_id), record, durable=False)
+    fsutil.write_json_atomic(home.job(job_id).exit, record, durable=False)
 
 
 def _write_best_effort(path, obj):
@@ -134,13 +136,13 @@ def _write_best_effort(path, obj):
 def _wrap(home, job, lock_fds, poke, state, grace=10):
     job_id = job["id"]
     try:
-        log_fd = os.open(home.log(job_id), os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
+        log_fd = os.open(home.job(job_id).log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
                          0o600)
     except OSError:
         log_fd = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
     env = job_env(os.environ, job_id, job["gpus"], job.get("env"))
-    reserved = _reserve_exit(pending_exit_file(home, job_id))
-    if os.path.exists(home.cancel_file(job_id)):
+    reserved = _reserve_exit(home.job(job_id).exit_pending)
+    if os.path.exists(home.job(job_id).cancel):
         state["cancelled"] = True
     try:
         if state["cancelled"]:
@@ -149,10 +151,20 @@ def _wrap(home, job, lock_fds, poke, state, grace=10):
                 "exit_code": None, "signal": None, "ended_at": time.time(), "cancelled": True})
             poke()
             return _durable(home, job_id, reserved)
+        argv = [SHELL, "-c", job["command"]]
+        if job.get("container"):
+            argv, env, state["container"] = _container_command(home, job)
         child = subprocess.Popen(
-            [SHELL, "-c", job["command"]], cwd=home.work(job_id), env=env,
+            argv, cwd=home.job(job_id).work, env=env,
             stdin=subprocess.DEVNULL, stdout=log_fd, stderr=subprocess.STDOUT,
             pass_fds=tuple(lock_fds), close_fds=True, **_OWN_GROUP)
+    except containers.ContainerError as e:
+        _log(log_fd, e.lines())
+        _write_exit(home, job_id, reserved, {
+            "exit_code": CONTAINER_CANNOT_RUN, "signal": None, "ended_at": time.time(),
+            "cancelled": state["cancelled"], "message": e.message})
+        poke()
+        return _durable(home, job_id, reserved)
     except OSError as e:
         _log(log_fd, "rtrain: cannot start the job: %s\n" % e)
         _write_exit(home, job_id, reserved, {
@@ -160,7 +172,7 @@ def _wrap(home, job, lock_fds, poke, state, grace=10):
         poke()
         return _durable(home, job_id, reserved)
     os.close(log_fd)
-    _write_best_effort(home.pid_file(job_id), {
+    _write_best_effort(home.job(job_id).pids, {
         "wrapper_pid": os.getpid(), "wrapper_start": fsutil.proc_start_time(os.getpid()),
         "pgid": child.pid, "pgid_start": fsutil.proc_start_time(child.pid),
         "boot_id": fsutil.boot_id(), "started_at": time.time()})
@@ -177,6 +189,11 @@ def _wrap(home, job, lock_fds, poke, state, grace=10):
     signal.alarm(0)
     # The command is done; anything it left running in its group goes with it.
     _killpg(child.pid, signal.SIGKILL)
+    if state.get("container") and (rc < 0 or state["cancelled"]):
+        # the engine's client was killed, or the job cancelled (maybe while the container was
+        # being made): no container may outlive the job and its GPU leases
+        engine_bin, name, cenv = state["container"]
+        containers.engine_call(containers.rm_argv(engine_bin, name), cenv)
     for fd in lock_fds:
         try:
             os.close(fd)
@@ -189,7 +206,7 @@ def _wrap(home, job, lock_fds, poke, state, grace=10):
     # Tell the daemon first (the next job waits on it), make the record durable after.
     _write_exit(home, job_id, reserved, {
         "exit_code": rc, "signal": sig, "ended_at": time.time(),
-        "cancelled": state["cancelled"] or os.path.exists(home.cancel_file(job_id))})
+        "cancelled": state["cancelled"] or os.path.exists(home.job(job_id).cancel)})
     poke()
     if lock_fds and job.get("lock_dir"):
         # other users' daemons waiting for these GPUs (ours was poked above)
@@ -197,12 +214,43 @@ def _wrap(home, job, lock_fds, poke, state, grace=10):
     return _durable(home, job_id, reserved)
 
 
+# A container job: its command is `ENGINE run ...` (agent/containers.py), attached, so its
+# output is the job's log and its exit status the job's. A cancel asks the engine to stop the
+# container; the engine's own SIGKILL comes after the grace period, ours a little later.
+CONTAINER_CANNOT_RUN = 125  # the engines' own code for "could not run the container"
+CONTAINER_STOP_SLACK_S = 5
+
+
+def _container_command(home, job):
+    """(argv, env, (engine binary, container name, env)) of a container job."""
+    job_vars = job_env({}, job["id"], job["gpus"], job.get("env"))
+    argv, env, engine_bin, name = containers.job_command(
+        job, job_vars, home.job(job["id"]).work, home.root, dict(os.environ))
+    return argv, env, (engine_bin, name, env)
+
+
+def _container_stop(container, grace):
+    engine_bin, name, env = container
+    try:
+        subprocess.Popen(containers.stop_argv(engine_bin, name, grace), env=env,
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, close_fds=True)
+    except OSError:
+        pass
+
+
+def _container_kill(state):
+    engine_bin, name, env = state["container"]
+    containers.engine_call(containers.kill_argv(engine_bin, name), env, timeout=10)
+    _killpg(state["child"], signal.SIGKILL)
+
+
 def _durable(home, job_id, reserved):
     """Make the exit record durable (after the daemon heard of it: off the hand-off path)."""
     if reserved is not None:
         os.close(reserved)
-    fsutil.fsync_path(home.exit_file(job_id))
-    fsutil.fsync_path(home.job_dir(job_id))
+    fsutil.fsync_path(home.job(job_id).exit)
+    fsutil.fsync_path(home.job(job_id).dir)
     return 0
 
 
@@ -253,9 +301,9 @@ def _killpg(pgid, sig):
 
 
 def read_exit(home, job_id):
-    return fsutil.read_json(home.exit_file(job_id))
+    return fsutil.read_json(home.job(job_id).exit)
 
 
 def read_pids(home, job_id):
-    return fsutil.read_json(home.pid_file(job_id)) or {}
+    return fsutil.read_json(home.job(job_id).pids) or {}
 

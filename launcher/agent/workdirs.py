@@ -14,6 +14,8 @@ import shutil
 import time
 
 from . import fsutil, store
+from .manifest import ManifestError
+from .materialize import materialize
 
 INLINE_MAX_FILES = 64          # smaller trees are built by the daemon itself: a fork costs
 INLINE_MAX_BYTES = 8 << 20     # more than their copies, and they hold up no hand-off
@@ -25,33 +27,29 @@ def inline(files, size):
 
 
 def ready(home, job_id):
-    return os.path.isdir(home.work(job_id))
-
-
-def _error_path(home, job_id):
-    return os.path.join(home.job_dir(job_id), "build-error.json")
+    return os.path.isdir(home.job(job_id).work)
 
 
 def error(home, job_id):
     """What a failed build said, or None."""
-    rec = fsutil.read_json(_error_path(home, job_id))
+    rec = fsutil.read_json(home.job(job_id).build_error)
     return rec.get("message") if isinstance(rec, dict) else None
 
 
 def build(home, job_id, st):
     """Build the work dir of job_id here and now. Returns None, or what went wrong (which is
     also left in build-error.json)."""
-    job_dir = home.job_dir(job_id)
-    work = home.work(job_id)
+    job_dir = home.job(job_id).dir
+    work = home.job(job_id).work
     if os.path.isdir(work):
         return None
     _sweep(job_dir)
-    manifest = fsutil.read_json(os.path.join(job_dir, "manifest.json"))
+    manifest = fsutil.read_json(home.job(job_id).manifest)
     tmp = "%s.tmp%d" % (work, os.getpid())
     try:
         if not isinstance(manifest, dict) or not isinstance(manifest.get("entries"), list):
-            raise store.StoreError("its manifest (%s/manifest.json) is missing or unreadable" % job_dir)
-        st.materialize(manifest["entries"], tmp)
+            raise store.StoreError("its manifest (%s) is missing or unreadable" % home.job(job_id).manifest)
+        materialize(st, manifest["entries"], tmp)
         try:
             os.rename(tmp, work)
         except OSError as e:
@@ -59,11 +57,11 @@ def build(home, job_id, st):
                 raise
             shutil.rmtree(tmp, ignore_errors=True)  # another builder was first: same tree
         return None
-    except (store.StoreError, OSError) as e:
+    except (store.StoreError, ManifestError, OSError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
         message = _describe(e, home)
         try:
-            fsutil.write_json_atomic(_error_path(home, job_id), {"message": message})
+            fsutil.write_json_atomic(home.job(job_id).build_error, {"message": message})
         except OSError:
             pass  # the disk is full: the daemon sees the builder gone with nothing to show
         return message
@@ -92,7 +90,7 @@ def spawn(home, job_id, close_fds, poke):
 def retire(home, job_id):
     """Set a finished attempt's work dir aside (a rename: this runs in the daemon's
     transaction); the next build removes it and makes a fresh one."""
-    work = home.work(job_id)
+    work = home.job(job_id).work
     try:
         os.rename(work, "%s.old%d" % (work, int(time.time() * 1000)))
     except OSError:

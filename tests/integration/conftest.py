@@ -56,8 +56,9 @@ class Sshd:
             os.chmod(p, 0o755)
         self.port, self.host_key, self.known_hosts = self.start("main")
 
-    def start(self, name):
-        """Start one sshd; returns (port, host key path, a known_hosts file naming it)."""
+    def start(self, name, set_env=None):
+        """Start one sshd; returns (port, host key path, a known_hosts file naming it).
+        set_env: more variables of every session (PATH replaces the default), e.g. SLURM_CONF."""
         port = free_port()
         base, n = name, 1
         while (self.root / ("host_%s" % name)).exists():  # a test run once per transport
@@ -74,7 +75,8 @@ class Sshd:
             "PermitRootLogin prohibit-password", "UsePAM yes", "StrictModes no",
             "Subsystem sftp internal-sftp", "MaxStartups 200:30:300", "MaxSessions 100",
             "AllowTcpForwarding yes", "LogLevel ERROR",
-            "SetEnv PATH=%s:/usr/local/bin:/usr/bin:/bin" % self.bin_dir,
+            "SetEnv " + " ".join("%s=%s" % kv for kv in sorted(dict(
+                {"PATH": "%s:/usr/local/bin:/usr/bin:/bin" % self.bin_dir}, **(set_env or {})).items())),
             "Match User %s" % NOPY, "  SetEnv PATH=%s" % self.nopy_dir, ""]))
         os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
         p = subprocess.Popen([_sshd_binary(), "-D", "-e", "-f", str(conf)],
@@ -163,9 +165,11 @@ SSH_TRANSPORTS = ("openssh", "paramiko")
 def pytest_generate_tests(metafunc):
     """Every test that talks to the sshd runs once per SSH transport."""
     if "sshd" in metafunc.fixturenames and "ssh_transport" in metafunc.fixturenames:
-        # a module may narrow it (test_openssh.py: connection sharing is OpenSSH's alone)
-        metafunc.parametrize("ssh_transport", getattr(metafunc.module, "SSH_TRANSPORTS", SSH_TRANSPORTS),
-                             indirect=True)
+        # a module may narrow it (test_openssh.py: connection sharing is OpenSSH's alone), or
+        # say () when it drives ssh itself, not rtrain's transports (test_slurm.py)
+        transports = getattr(metafunc.module, "SSH_TRANSPORTS", SSH_TRANSPORTS)
+        if transports:
+            metafunc.parametrize("ssh_transport", transports, indirect=True)
 
 
 @pytest.fixture(autouse=True)

@@ -69,7 +69,7 @@ def test_cancel_prints_the_hint_with_the_error(world):
 def test_status_json_with_an_unreachable_host_says_why_on_stderr(world):
     job = world.submit("true")
     world.wait(job)
-    hosts = hosts_file(world, "default: local\nhosts:\n  dead:\n    ssh: nobody@127.0.0.1:%d\n"
+    hosts = hosts_file(world, "default: local\nhosts:\n  local:\n  dead:\n    ssh: nobody@127.0.0.1:%d\n"
                               "    connect_timeout: 5\n" % closed_port())
     empty = world.root / "empty-ssh-config"
     empty.write_text("")

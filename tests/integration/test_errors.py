@@ -391,7 +391,7 @@ def test_unexpected_error_is_one_line_without_debug(tmp_path):
     """A bug (not an RtrainError) is still one line and exit 1, and --debug shows it in full."""
     code = ("import sys\nfrom launcher import cli, commands\n"
             "def boom(args, factory):\n    raise ZeroDivisionError('boom')\n"
-            "commands.cmd_status = boom\nsys.exit(cli.main(sys.argv[1:]))\n")
+            "commands.HANDLERS['status'] = boom\nsys.exit(cli.main(sys.argv[1:]))\n")
     env = dict(os.environ, PYTHONPATH=str(REPO), RTRAIN_HOME=str(tmp_path / "home"))
     p = subprocess.run([sys.executable, "-c", code, "status"], capture_output=True, text=True,
                        env=env, cwd=str(tmp_path))

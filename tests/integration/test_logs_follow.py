@@ -163,7 +163,7 @@ def serving_sshd(client_pid, ssh_port):
         except KeyError:
             pass
     pids = []
-    for ino, ps in holders.items():
+    for ps in holders.values():
         owners = set()
         for p in ps:
             try:
@@ -276,12 +276,13 @@ def test_follow_survives_killed_connections_byte_for_byte(sshd, setup, tmp_path)
         for k in range(kills):
             # wait until bytes flow on the current connection, then cut it
             seen = f.size()
-            wait_for("output from the client (round %d)" % k, lambda: f.size() > seen + 2000, follower=f)
+            wait_for("output from the client (round %d)" % k, lambda seen=seen: f.size() > seen + 2000, follower=f)
             assert f.p.poll() is None, f.stderr()
             before = f.stderr().count("reconnecting")
             kill_connection(f.p.pid, sshd.port)
             wait_for("the client to notice the cut (round %d)" % k,
-                     lambda: f.stderr().count("reconnecting") > before or f.p.poll() is not None, follower=f)
+                     lambda before=before: f.stderr().count("reconnecting") > before or f.p.poll() is not None,
+                     follower=f)
         # and cuts while it connects again: in the SSH handshake, the authentication, the agent's start
         rnd = random.Random(4)
         for k in range(3):
@@ -393,11 +394,11 @@ def test_silent_network_death_turns_into_a_reconnect(sshd, setup, tmp_path):
         try:
             for k in range(2):
                 seen = f.size()
-                wait_for("output (round %d)" % k, lambda: f.size() > seen + 2000, follower=f)
+                wait_for("output (round %d)" % k, lambda seen=seen: f.size() > seen + 2000, follower=f)
                 before = f.stderr().count("reconnecting")
                 assert proxy.freeze() >= 1
                 wait_for("the client to notice the silence (round %d)" % k,
-                         lambda: f.stderr().count("reconnecting") > before or f.p.poll() is not None,
+                         lambda before=before: f.stderr().count("reconnecting") > before or f.p.poll() is not None,
                          timeout=120, follower=f)
             seen = f.size()
             wait_for("output after the reconnect", lambda: f.size() > seen + 2000, follower=f)

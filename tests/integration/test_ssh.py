@@ -133,7 +133,7 @@ def test_two_unix_users_share_a_tower(sshd, tmp_path):
 
     with ThreadPoolExecutor(8) as ex:
         jobs = list(ex.map(go, [w for _ in range(20) for w in worlds]))
-    for (user, src, hosts), job in jobs:
+    for (_, src, hosts), job in jobs:
         assert wait(sshd, hosts, job, src, timeout=120)["state"] == "succeeded"
     spans = {}
     for f in rec.iterdir():

@@ -1,4 +1,4 @@
-"""A submit is atomic (DESIGN.md decision 3, issue 3): a connection cut at any point of it leaves
+"""A submit is atomic (docs/design.md "Atomic submit"): a connection cut at any point of it leaves
 no job, no half job and nothing in tmp/ that could become one; submitting again works and the
 job runs on the complete snapshot.
 
@@ -304,7 +304,7 @@ def test_cut_after_the_request_before_the_agent_queues_the_job(sshd, world):
     known = [rt(w, "cut", *args).stdout.strip()]  # its blobs are on the host from now on
     wait_job(w, known[0])
     jobs_dir = os.path.join(w["home"], "jobs")
-    for attempt in range(20):
+    for _ in range(20):
         before = sorted(os.listdir(jobs_dir))
         client = subprocess.Popen(
             [sys.executable, "-m", "launcher", "--hosts", str(w["cut"])] + list(args),
@@ -330,7 +330,7 @@ def test_cut_after_the_request_before_the_agent_queues_the_job(sshd, world):
         out, err = client.communicate(timeout=120)
         assert client.returncode != 0, out
         assert "Traceback" not in err, err
-        _poll(lambda: _gone(server), "sshd to end the cut session")
+        _poll(lambda server=server: _gone(server), "sshd to end the cut session")
         _kill(agent, signal.SIGCONT)
         assert_nothing_half_made(w, sorted(known, key=int))
         break

@@ -40,14 +40,12 @@ def test_every_verb_runs_with_the_stdlib_only(tmp_path):
     home = str(tmp_path / "home")
     reqs = [
         ["hello", {"home": home}],
-        ["gpus", {"home": home, "sched": {"nvidia_smi": "definitely-not-here"}}],
-        ["missing", {"home": home, "hashes": ["0" * 64]}],
+        ["gpus", {"home": home, "settings": {"nvidia_smi": "definitely-not-here"}}],
         ["status", {"home": home}],
         ["submit", {"home": home, "command": "true", "gpus": 0, "manifest": {"entries": []},
-                    "sched": {"nvidia_smi": "definitely-not-here", "lock_dir": str(tmp_path / "l")}}],
+                    "settings": {"nvidia_smi": "definitely-not-here", "lock_dir": str(tmp_path / "l")}}],
         ["logs", {"home": home, "id": 1}],
         ["cancel", {"home": home, "id": 1}],
-        ["shutdown", {"home": home}],
     ]
     env = {"PATH": "/usr/bin:/bin", "RTRAIN_DAEMON_IDLE_S": "1"}
     p = subprocess.run([sys.executable, "-I", "-S", "-c", PROBE, str(pyz), json.dumps(reqs)],

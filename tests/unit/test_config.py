@@ -1,4 +1,6 @@
 """hosts.yaml: the search order, and errors that name file, line and what is allowed."""
+import os
+
 import pytest
 
 from launcher import config
@@ -72,3 +74,38 @@ def test_unknown_default_and_unknown_host(tmp_path):
 def test_host_without_ssh(tmp_path):
     with pytest.raises(ConfigError, match="has no `ssh:`"):
         config.parse(write(tmp_path, "hosts:\n  tower:\n    python: python3\n"))
+
+
+def test_io_timeout_in_hosts_yaml(tmp_path):
+    p = tmp_path / "hosts.yaml"
+    p.write_text("hosts:\n  a:\n    ssh: u@h\n    io_timeout: 2.5\n  b:\n    ssh: u@h\n")
+    cfg = config.parse(str(p))
+    assert cfg.hosts["a"].io_timeout == 2.5 and cfg.hosts["b"].io_timeout == 60
+    assert "io_timeout" in config.HOST_KEYS
+    for bad in ("0", "-1", "soon", "true"):
+        p.write_text("hosts:\n  a:\n    ssh: u@h\n    io_timeout: %s\n" % bad)
+        with pytest.raises(config.ConfigError, match="io_timeout"):
+            config.parse(str(p))
+    example = open(os.path.join(os.path.dirname(config.__file__), "..", "hosts.example.yaml")).read()
+    assert "io_timeout:" in example
+
+
+def test_the_local_host_takes_max_tree_mb(tmp_path):
+    p = tmp_path / "hosts.yaml"
+    p.write_text("hosts:\n  local: {kind: local, max_tree_mb: 1}\n")
+    assert config.parse(str(p)).hosts["local"].max_tree_mb == 1
+
+
+def test_local_is_a_host_only_when_listed(tmp_path):
+    """A hosts file that names only towers never asks this machine (its nvidia-smi may be
+    broken, or absent); `local:` alone brings it back, as the built-in local host."""
+    towers = config.parse(write(tmp_path, "hosts:\n  tower:\n    ssh: u@h\n"))
+    assert list(towers.hosts) == ["tower"]
+    with pytest.raises(ConfigError, match="no such host 'local'"):
+        towers.get("local")
+    both = config.parse(write(tmp_path, "default: tower\nhosts:\n  tower:\n    ssh: u@h\n  local:\n"))
+    assert list(both.hosts) == ["tower", "local"] and both.hosts["local"] == config.LOCAL
+    tuned = config.parse(write(tmp_path, "hosts:\n  local:\n    gpus: [0]\n"))
+    assert tuned.hosts["local"].kind == "local" and tuned.hosts["local"].gpus == ("0",)
+    with pytest.raises(ConfigError, match="lists no host"):
+        config.parse(write(tmp_path, "default: tower\nhosts: {}\n"))

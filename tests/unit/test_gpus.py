@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher.agent import gpus
+from launcher.agent import gpus, smi
 from launcher.agent.gpus import NvidiaSmiError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -117,7 +117,7 @@ def test_every_csv_capture_parses_against_its_own_header_or_query(name):
     if "noheader" in name:
         return  # covered by the dedicated tests below (no header to take the fields from)
     fields = header_fields(text)
-    rows = gpus.parse_csv(text, fields)
+    rows = smi.parse_csv(text, fields)
     assert len(rows) == len(text.splitlines()) - 1
     for r in rows:
         assert list(r) == fields
@@ -130,7 +130,7 @@ TITANX_FIELDS = ["index", "uuid", "name", "temperature.gpu", "utilization.gpu", 
 
 
 def titanx_snapshot():
-    rows = gpus.parse_csv(fx("csv-query-gpu-noheader-nounits-8x-titanx.txt"), TITANX_FIELDS)
+    rows = smi.parse_csv(fx("csv-query-gpu-noheader-nounits-8x-titanx.txt"), TITANX_FIELDS)
     return {"gpus": rows, "apps": []}
 
 
@@ -176,7 +176,7 @@ def test_visible_restricts_by_index_or_uuid():
 def test_old_driver_not_supported_is_none():
     fields = ["memory.total", "memory.free", "memory.used", "temperature.gpu", "fan.speed",
               "utilization.gpu", "utilization.memory"]
-    rows = gpus.parse_csv(fx("csv-noheader-nounits-fan-notsupported-geforce-old-driver.txt"), fields)
+    rows = smi.parse_csv(fx("csv-noheader-nounits-fan-notsupported-geforce-old-driver.txt"), fields)
     assert rows == [{"memory.total": 2004, "memory.free": 2004, "memory.used": 0,
                      "temperature.gpu": 44, "fan.speed": None, "utilization.gpu": 0,
                      "utilization.memory": 0}]
@@ -189,7 +189,7 @@ def test_p100_nounits_header_carries_units_and_canonical_clock_names():
     query = ["name", "uuid", "fan.speed", "pstate", "memory.reserved", "memory.used",
              "memory.free", "utilization.gpu", "utilization.memory", "temperature.gpu",
              "power.draw", "clocks.gr", "clocks.sm", "clocks.mem", "clocks.video"]
-    [row] = gpus.parse_csv(text, query, require_header=True)
+    [row] = smi.parse_csv(text, query, require_header=True)
     assert row["uuid"] == "GPU-ef1b2c9b-38d8-2090-2bd1-f567a3eb42a6"
     assert row["name"] == "Tesla P100-PCIE-16GB"
     assert row["fan.speed"] is None and row["pstate"] == "P0"
@@ -202,12 +202,12 @@ def test_insufficient_permissions_is_none_and_classifies_unknown():
     # The query asked for gpu_name; the header says name.
     fields = ["gpu_name", "driver_version", "temperature.gpu", "utilization.gpu",
               "utilization.memory", "memory.total", "memory.free", "memory.used"]
-    [row] = gpus.parse_csv(text, fields, require_header=True)
+    [row] = smi.parse_csv(text, fields, require_header=True)
     assert row["gpu_name"] == "NVIDIA A100-SXM4-80GB" and row["driver_version"] == "535.161.08"
     assert row["temperature.gpu"] == 47
     assert row["memory.total"] is row["memory.used"] is row["memory.free"] is None
     assert row["utilization.gpu"] is None
-    [raw] = gpus.parse_csv(text, fields, raw=True)
+    [raw] = smi.parse_csv(text, fields, raw=True)
     assert raw["memory.used"] == "[Insufficient Permissions]"
     # The capture has no uuid column; give it one to classify it.
     row["uuid"] = raw["uuid"] = "GPU-aaaaaaaa-0000-0000-0000-000000000001"
@@ -222,7 +222,7 @@ def test_h100_full_query_with_units():
     text = fx("csv-query-gpu-full-h100-mig-driver590.csv")
     fields = header_fields(text)
     assert len(fields) == 212
-    [row] = gpus.parse_csv(text, fields, require_header=True)
+    [row] = smi.parse_csv(text, fields, require_header=True)
     assert row["uuid"] == "GPU-00000000-0000-0000-0000-000000000000"
     assert row["name"] == "NVIDIA H100 80GB HBM3" and row["index"] == 0
     assert (row["memory.total"], row["memory.used"], row["memory.free"]) == (81559, 11125, 69956)
@@ -242,7 +242,7 @@ def test_rtx2080super_driver610_reserved_memory():
     text = fx("csv-query-gpu-full-rtx2080super-driver610-kmd.csv")
     fields = header_fields(text)
     assert len(fields) == 241 and "kmd_version" in fields
-    [row] = gpus.parse_csv(text, fields, require_header=True)
+    [row] = smi.parse_csv(text, fields, require_header=True)
     assert row["kmd_version"] == "610.57.04"
     assert (row["memory.total"], row["memory.used"], row["memory.free"],
             row["memory.reserved"]) == (8192, 815, 6978, 400)
@@ -258,7 +258,7 @@ APP_CAPTURE_FIELDS = ["timestamp", "gpu_name", "gpu_bus_id", "gpu_serial", "gpu_
 
 def test_windows_compute_apps_paths_with_spaces_and_x86():
     text = fx("csv-query-compute-apps-windows-rtx2080super-driver591-wddm.csv")
-    rows = gpus.parse_csv(text, APP_CAPTURE_FIELDS, require_header=True)
+    rows = smi.parse_csv(text, APP_CAPTURE_FIELDS, require_header=True)
     assert len(rows) == 12
     names = [r["process_name"] for r in rows]
     assert r"C:\Program Files\NZXT CAM\NZXT CAM.exe" in names
@@ -267,15 +267,15 @@ def test_windows_compute_apps_paths_with_spaces_and_x86():
     assert rows[0]["pid"] == 12444 and rows[-1]["pid"] == 26660
     # A name holding ", " and "(x86)" stays whole because process_name is split last.
     line = "GPU-1, 77, [N/A], C:\\Program Files (x86)\\Steam\\a, b c.exe\n"
-    [r] = gpus.parse_csv(APPS_HEADER + line, gpus.APP_FIELDS, require_header=True)
+    [r] = smi.parse_csv(APPS_HEADER + line, smi.APP_FIELDS, require_header=True)
     assert r == {"gpu_uuid": "GPU-1", "pid": 77, "used_memory": None,
                  "process_name": "C:\\Program Files (x86)\\Steam\\a, b c.exe"}
 
 
 def test_windows_apps_make_the_2080super_busy():
-    g = gpus.parse_csv(fx("csv-query-gpu-full-rtx2080super-driver610-kmd.csv"),
+    g = smi.parse_csv(fx("csv-query-gpu-full-rtx2080super-driver610-kmd.csv"),
                        header_fields(fx("csv-query-gpu-full-rtx2080super-driver610-kmd.csv")))
-    apps = gpus.parse_csv(fx("csv-query-compute-apps-windows-rtx2080super-driver591-wddm.csv"),
+    apps = smi.parse_csv(fx("csv-query-compute-apps-windows-rtx2080super-driver591-wddm.csv"),
                           APP_CAPTURE_FIELDS)
     [u] = gpus.classify({"gpus": g, "apps": apps})
     assert u["state"] == "busy" and u["reason"] == "12 foreign processes"
@@ -288,15 +288,15 @@ def test_windows_apps_make_the_2080super_busy():
 
 def test_header_only_compute_apps_is_empty():
     text = fx("csv-query-compute-apps-header-only-h100-mig-idle-driver590.csv")
-    assert gpus.parse_csv(text, APP_CAPTURE_FIELDS, require_header=True) == []
-    assert gpus.parse_csv(text, ["timestamp", "name", "gpu_bus_id", "serial", "uuid", "pid",
+    assert smi.parse_csv(text, APP_CAPTURE_FIELDS, require_header=True) == []
+    assert smi.parse_csv(text, ["timestamp", "name", "gpu_bus_id", "serial", "uuid", "pid",
                                  "process_name", "used_memory"], require_header=True) == []
 
 
 def test_header_must_name_the_requested_columns():
     text = fx("csv-query-gpu-nounits-tesla-p100-driver510.csv")
     with pytest.raises(NvidiaSmiError) as e:
-        gpus.parse_csv(text, ["uuid", "name"] + header_fields(text)[2:])
+        smi.parse_csv(text, ["uuid", "name"] + header_fields(text)[2:])
     assert e.value.kind == "bad_output"
 
 
@@ -305,12 +305,12 @@ def test_header_must_name_the_requested_columns():
 def h200_snapshot(with_xml=True):
     """The H200 MIG captures (#7, #13) plus the -q values of #14 written as parse_xml() output
     (no saved MIG XML has processes; the q-text capture is not parsed by design)."""
-    listing = gpus.parse_list(fx("list-L-h200-mig-driver590.txt"))
+    listing = smi.parse_list(fx("list-L-h200-mig-driver590.txt"))
     parent = listing[0]["uuid"]
     row = {"index": 0, "uuid": parent, "pci.bus_id": "00000000:83:00.0", "name": "NVIDIA H200",
            "mig.mode.current": "Enabled", "compute_mode": "Default", "memory.total": 143771,
            "memory.used": 16960, "memory.free": 126000, "utilization.gpu": None}
-    apps = gpus.parse_csv(fx("csv-query-compute-apps-h200-mig-driver590.csv"), APP_CAPTURE_FIELDS)
+    apps = smi.parse_csv(fx("csv-query-compute-apps-h200-mig-driver590.csv"), APP_CAPTURE_FIELDS)
     devs = [(0, 2, 0, 16925, 71424), (1, 2, 1, 16925, 71424), (2, 3, 0, 17, 33280),
             (3, 9, 0, 9, 16384), (4, 10, 0, 9, 16384)]
     xml = {parent: {"mig_devices": [
@@ -325,7 +325,7 @@ def h200_snapshot(with_xml=True):
 
 
 def test_list_L_h200_mig():
-    listing = gpus.parse_list(fx("list-L-h200-mig-driver590.txt"))
+    listing = smi.parse_list(fx("list-L-h200-mig-driver590.txt"))
     assert len(listing) == 1
     g = listing[0]
     assert (g["index"], g["name"], g["uuid"]) == (0, "NVIDIA H200",
@@ -377,7 +377,7 @@ def test_mig_process_that_cannot_be_mapped_makes_free_units_unknown():
 
 
 def test_xml_a100_mig():
-    x = gpus.parse_xml(fx("xml-q-x-a100-sxm4-40gb-mig-driver510.xml"))
+    x = smi.parse_xml(fx("xml-q-x-a100-sxm4-40gb-mig-driver510.xml"))
     assert list(x) == ["GPU-27b94a00-ed54-5c24-b1fd-1054085de32a"]
     g = x["GPU-27b94a00-ed54-5c24-b1fd-1054085de32a"]
     assert g["mig_mode"] == "Enabled" and g["processes"] == []
@@ -392,7 +392,7 @@ def test_xml_a100_mig():
     snap = {"gpus": [{"index": 0, "uuid": uuid, "name": "NVIDIA A100-SXM4-40GB",
                       "mig.mode.current": "Enabled", "memory.used": 38, "memory.total": 40960}],
             "apps": [], "xml": x,
-            "list": gpus.parse_list("GPU 0: NVIDIA A100-SXM4-40GB (UUID: %s)\n"
+            "list": smi.parse_list("GPU 0: NVIDIA A100-SXM4-40GB (UUID: %s)\n"
                                     "  MIG 3g.20gb     Device  0: (UUID: MIG-a)\n"
                                     "  MIG 3g.20gb     Device  1: (UUID: MIG-b)\n" % uuid)}
     units = gpus.classify(snap)
@@ -401,7 +401,7 @@ def test_xml_a100_mig():
 
 
 def test_xml_dual_a5000_same_pid_on_both_gpus():
-    x = gpus.parse_xml(fx("xml-q-x-dual-rtxa5000-driver590-processes.xml"))
+    x = smi.parse_xml(fx("xml-q-x-dual-rtxa5000-driver590-processes.xml"))
     assert list(x) == ["GPU-12345678-aaaa-bbbb-cccc-0123456789ab",
                        "GPU-12345678-aaaa-bbbb-cccc-0123456789cd"]
     a, b = x.values()
@@ -415,7 +415,7 @@ def test_xml_dual_a5000_same_pid_on_both_gpus():
 
 
 def test_xml_windows_na_memory():
-    x = gpus.parse_xml(fx("xml-q-x-windows-rtx2080-driver516-processes-na-memory.xml"))
+    x = smi.parse_xml(fx("xml-q-x-windows-rtx2080-driver516-processes-na-memory.xml"))
     [g] = x.values()
     assert len(g["processes"]) == 26
     assert all(p["used_memory"] is None and p["type"] == "C+G" for p in g["processes"])
@@ -434,8 +434,8 @@ ERROR_FILES = sorted(n for n, k in HANDLED.items() if n.startswith("error-"))
 def test_error_texts_raise_the_right_kind_from_every_parser(name):
     text = fx(name)
     kind = HANDLED[name]
-    for parse in (lambda t: gpus.parse_csv(t, gpus.GPU_FIELDS), lambda t: gpus.parse_list(t),
-                  lambda t: gpus.parse_xml(t)):
+    for parse in (lambda t: smi.parse_csv(t, smi.GPU_FIELDS), lambda t: smi.parse_list(t),
+                  lambda t: smi.parse_xml(t)):
         with pytest.raises(NvidiaSmiError) as e:
             parse(text)
         assert e.value.kind == kind
@@ -459,11 +459,11 @@ def test_error_texts_through_query(name):
 
 def test_gpu_lost_message():
     with pytest.raises(NvidiaSmiError) as e:
-        gpus.parse_csv(fx("error-device-handle-gpu-is-lost.txt"), gpus.GPU_FIELDS)
+        smi.parse_csv(fx("error-device-handle-gpu-is-lost.txt"), smi.GPU_FIELDS)
     assert e.value.message == ("nvidia-smi: GPU is lost (Unable to determine the device handle for "
                                "GPU 0000:01:00.0). Reboot the host to recover it.")
     # Newer drivers drop the space: "for GPU0000:65:00.0".
-    e = gpus.detect_error("Unable to determine the device handle for GPU0000:65:00.0: Unknown Error")
+    e = smi.detect_error("Unable to determine the device handle for GPU0000:65:00.0: Unknown Error")
     assert e.kind == "device_handle" and "0000:65:00.0" in e.message
 
 
@@ -480,7 +480,7 @@ def test_inforom_warning_is_dropped_and_rc14_accepted():
     assert warning.startswith("WARNING: infoROM is corrupted at gpu 0008:00:00.0")
     text = gpu_csv([[0, "GPU-a", "00000008:00:00.0", "Tesla V100-PCIE-16GB", "[N/A]", "Default",
                      16384, 0, 16384, 0]]) + warning + "\n"
-    rows = gpus.parse_csv(text, gpus.GPU_FIELDS)
+    rows = smi.parse_csv(text, smi.GPU_FIELDS)
     assert len(rows) == 1 and rows[0]["uuid"] == "GPU-a"
     snap = gpus.query(run=stub({"gpu": (14, text, ""), "apps": (14, APPS_HEADER + warning, "")}))
     assert len(snap["gpus"]) == 1 and snap["apps"] == []
@@ -555,9 +555,9 @@ def test_query_argv_without_and_with_mig():
     csv = gpu_csv([[0, "GPU-a", "b", "X", "Disabled", "Default", 100, 1, 99, 0]])
     gpus.query("/opt/nv/nvidia-smi", run=stub({"gpu": (0, csv, ""), "apps": (0, APPS_HEADER, "")},
                                              calls))
-    assert calls == [["/opt/nv/nvidia-smi", "--query-gpu=" + ",".join(gpus.GPU_FIELDS),
+    assert calls == [["/opt/nv/nvidia-smi", "--query-gpu=" + ",".join(smi.GPU_FIELDS),
                       "--format=csv,nounits"],
-                     ["/opt/nv/nvidia-smi", "--query-compute-apps=" + ",".join(gpus.APP_FIELDS),
+                     ["/opt/nv/nvidia-smi", "--query-compute-apps=" + ",".join(smi.APP_FIELDS),
                       "--format=csv,nounits"]]
     calls = []
     csv = gpu_csv([[0, "GPU-a", "b", "X", "Enabled", "Default", 100, 1, 99, "[N/A]"]])
@@ -580,7 +580,7 @@ def fake(state_path, *args, env=None):
 
 
 @pytest.fixture
-def smi(tmp_path):
+def fake_smi(tmp_path):
     """(bin_dir, state_path) with the fake installed; write_state() to change it."""
     bin_dir = tmp_path / "bin"
     state = fakesmi.install(bin_dir)
@@ -612,8 +612,8 @@ def test_fake_source_is_python38_stdlib():
     assert os.access(str(FAKE), os.X_OK)
 
 
-def test_install_and_state_next_to_the_script(smi):
-    bin_dir, state = smi
+def test_install_and_state_next_to_the_script(fake_smi):
+    bin_dir, state = fake_smi
     assert state == bin_dir / "nvidia-smi-state.json"
     assert os.stat(str(bin_dir / "nvidia-smi")).st_mode & 0o777 == 0o755
     env = dict(os.environ)
@@ -631,20 +631,20 @@ def test_install_and_state_next_to_the_script(smi):
 
 
 @pytest.mark.parametrize("fmt", ["csv", "csv,noheader", "csv,nounits", "csv,noheader,nounits"])
-@pytest.mark.parametrize("fields", [gpus.GPU_FIELDS, list(reversed(gpus.GPU_FIELDS)),
+@pytest.mark.parametrize("fields", [smi.GPU_FIELDS, list(reversed(smi.GPU_FIELDS)),
                                     ["memory.used", "gpu_name", "index", "gpu_uuid",
                                      "power.draw", "timestamp", "fan.speed"]])
-def test_fake_any_fields_any_format_round_trip(smi, fmt, fields):
-    _, state = smi
+def test_fake_any_fields_any_format_round_trip(fake_smi, fmt, fields):
+    _, state = fake_smi
     rc, out, _ = fake(state, "--query-gpu=" + ",".join(fields), "--format=" + fmt)
     assert rc == 0
     lines = out.splitlines()
     assert len(lines) == 4 + ("noheader" not in fmt) and out.endswith("\n")
     if "noheader" not in fmt:
-        assert lines[0].startswith(gpus.canonical(fields[0]))
-    rows = gpus.parse_csv(out, fields, require_header="noheader" not in fmt)
+        assert lines[0].startswith(smi.canonical(fields[0]))
+    rows = smi.parse_csv(out, fields, require_header="noheader" not in fmt)
     s = json.loads(state.read_text())
-    assert [r[gpus.canonical(fields[0]) if fields[0] in r else fields[0]] is not None for r in rows]
+    assert [r[smi.canonical(fields[0]) if fields[0] in r else fields[0]] is not None for r in rows]
     by = {(r.get("uuid") or r.get("gpu_uuid")): r for r in rows}
     for g in s["gpus"]:
         r = by[g["uuid"]]
@@ -657,8 +657,8 @@ def test_fake_any_fields_any_format_round_trip(smi, fmt, fields):
             assert r["power.draw"] == g["power.draw"]
 
 
-def test_fake_headers_byte_equal_real_captures(smi):
-    _, state = smi
+def test_fake_headers_byte_equal_real_captures(fake_smi):
+    _, state = fake_smi
     for name in ("csv-query-gpu-full-h100-mig-driver590.csv",
                  "csv-query-gpu-full-rtx2080super-driver610-kmd.csv",
                  "csv-query-gpu-nounits-tesla-p100-driver510.csv",
@@ -677,8 +677,8 @@ def test_fake_headers_byte_equal_real_captures(smi):
     assert out == fx("csv-query-compute-apps-header-only-h100-mig-idle-driver590.csv")
 
 
-def test_fake_value_style_matches_real_captures(smi):
-    _, state = smi
+def test_fake_value_style_matches_real_captures(fake_smi):
+    _, state = fake_smi
     fields = ["timestamp", "name", "uuid", "pci.bus_id", "memory.total", "memory.used",
               "utilization.gpu", "power.draw", "fan.speed", "mig.mode.current"]
     rc, out, _ = fake(state, "--query-gpu=" + ",".join(fields), "--format=csv")
@@ -693,18 +693,18 @@ def test_fake_value_style_matches_real_captures(smi):
     assert row[4] == "40960" and row[6] == "0" and row[8] == "[N/A]"
 
 
-def test_fake_unknown_field(smi):
-    _, state = smi
+def test_fake_unknown_field(fake_smi):
+    _, state = fake_smi
     rc, out, _ = fake(state, "--query-gpu=index,xyz", "--format=csv")
     assert rc == 2 and out.splitlines()[0] == 'Field "xyz" is not a valid field to query.'
     with pytest.raises(NvidiaSmiError) as e:
-        gpus.parse_csv(out, ["index", "xyz"])
+        smi.parse_csv(out, ["index", "xyz"])
     assert e.value.kind == "failed"
 
 
 def test_fake_list_L_byte_equal_to_the_h200_capture(tmp_path):
     real = fx("list-L-h200-mig-driver590.txt")
-    listing = gpus.parse_list(real)[0]
+    listing = smi.parse_list(real)[0]
     gi_ci = [(2, 0), (2, 1), (3, 0), (9, 0), (10, 0)]
     mig = [{"uuid": m["uuid"], "profile": m["profile"], "gi": gi, "ci": ci, "memory.used": 9,
             "memory.total": 16384} for m, (gi, ci) in zip(listing["mig"], gi_ci)]
@@ -715,8 +715,8 @@ def test_fake_list_L_byte_equal_to_the_h200_capture(tmp_path):
     assert rc == 0 and out == real
 
 
-def test_fake_version_and_i(smi):
-    _, state = smi
+def test_fake_version_and_i(fake_smi):
+    _, state = fake_smi
     rc, out, _ = fake(state, "--version")
     assert rc == 0 and "DRIVER version      : 550.127.05" in out
     rc, out, _ = fake(state, "-i", "2", "--query-gpu=index,uuid", "--format=csv,noheader")
@@ -724,7 +724,7 @@ def test_fake_version_and_i(smi):
     rc, out, _ = fake(state, "-i", "9", "--query-gpu=index", "--format=csv,noheader")
     assert rc == 6 and out == "No devices were found\n"
     rc, out, _ = fake(state, "-q", "-x", "-i", "1")
-    assert len(gpus.parse_xml(out)) == 1
+    assert len(smi.parse_xml(out)) == 1
 
 
 FAKE_ERROR_RC = {"driver_not_loaded": 9, "nvml_mismatch": 18, "no_devices": 6,
@@ -733,8 +733,8 @@ FAKE_ERROR_RC = {"driver_not_loaded": 9, "nvml_mismatch": 18, "no_devices": 6,
 
 
 @pytest.mark.parametrize("kind", sorted(FAKE_ERROR_RC))
-def test_fake_error_modes_make_query_raise(smi, kind):
-    _, state = smi
+def test_fake_error_modes_make_query_raise(fake_smi, kind):
+    _, state = fake_smi
     fakesmi.write_state(state, error=kind)
     rc, out, _ = fake(state, "--query-gpu=index", "--format=csv")
     assert rc == FAKE_ERROR_RC[kind]
@@ -754,8 +754,8 @@ def test_fake_error_modes_make_query_raise(smi, kind):
     assert e.value.kind == kind
 
 
-def test_fake_not_found_timeout_and_inforom(smi):
-    bin_dir, state = smi
+def test_fake_not_found_timeout_and_inforom(fake_smi):
+    bin_dir, state = fake_smi
     fakesmi.write_state(state, error="not_found")
     with pytest.raises(NvidiaSmiError) as e:
         gpus.query(run=fake_run(state))
@@ -771,16 +771,16 @@ def test_fake_not_found_timeout_and_inforom(smi):
     assert len(snap["gpus"]) == 4
 
 
-def test_fake_real_binary_path_via_query(smi):
+def test_fake_real_binary_path_via_query(fake_smi):
     """query() with the default subprocess runner on the installed fake (PATH-free)."""
-    bin_dir, state = smi
+    bin_dir, state = fake_smi
     units = gpus.classify(gpus.query(str(bin_dir / "nvidia-smi")))
     assert [u["state"] for u in units] == ["free"] * 4
     assert [u["index"] for u in units] == ["0", "1", "2", "3"]
 
 
-def test_fake_foreign_process_on_gpu0_makes_it_busy(smi):
-    _, state = smi
+def test_fake_foreign_process_on_gpu0_makes_it_busy(fake_smi):
+    _, state = fake_smi
     s = fakesmi.write_state(state, apps=[{"gpu_uuid": fakesmi.gpu_uuid(0), "pid": 4242,
                                           "process_name": "python other user.py --lr 0.1, x",
                                           "used_memory": 20000}])
@@ -799,8 +799,8 @@ def test_fake_foreign_process_on_gpu0_makes_it_busy(smi):
     assert gpus.classify(snap, own_pids=(4242,))[0]["state"] == "free"
 
 
-def test_fake_memory_threshold_and_insufficient_permissions(smi):
-    _, state = smi
+def test_fake_memory_threshold_and_insufficient_permissions(fake_smi):
+    _, state = fake_smi
     fakesmi.write_state(state, gpu1={"memory.used": 5000}, gpu2={"memory.used": None})
     units = gpus.classify(gpus.query(run=fake_run(state)))
     assert [u["state"] for u in units] == ["free", "busy", "unknown", "free"]
@@ -808,8 +808,8 @@ def test_fake_memory_threshold_and_insufficient_permissions(smi):
     assert units[2]["reason"] == "memory not readable: [N/A]"
 
 
-def test_fake_mig_yields_mig_units(smi):
-    _, state = smi
+def test_fake_mig_yields_mig_units(fake_smi):
+    _, state = fake_smi
     s = fakesmi.write_state(state, gpus=2, mig={1: ["3g.20gb", "2g.10gb", "1g.5gb"]})
     mig = s["gpus"][1]["mig"]
     fakesmi.write_state(state, gpus=2, mig={1: ["3g.20gb", "2g.10gb", "1g.5gb"]},

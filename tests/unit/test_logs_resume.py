@@ -4,12 +4,13 @@ import base64
 import io
 import random
 
-from launcher import app
+from doubles import StubClient, StubSession
+from launcher import logs
+from launcher.agent.verbs import logs as agentlogs
 from launcher.errors import HostError
-from launcher.agent import verbs
 
 
-class FlakyClient:
+class FlakyClient(StubClient):
     def __init__(self, data, breaks):
         self.data = data
         self.breaks = breaks
@@ -34,35 +35,14 @@ class FlakyClient:
         yield {"final": {"offset": len(self.data), "state": "succeeded", "exit_code": 0, "signal": None}}
 
 
-class FakeSession:
-    def __init__(self, client):
-        self.c = client
-        self.resets = 0
-
-    def find(self, ref):
-        return "tower", 7, {}
-
-    def locate(self, ref):
-        return "tower", 7
-
-    def client(self, host):
-        return self.c
-
-    def reset(self, host):
-        self.resets += 1
-
-    def job_id(self, host, n):
-        return "tower:7"
-
-
 def test_every_byte_once_across_drops():
     random.seed(4)
     data = b"".join(b"line %05d \xff\xfe tqdm 10%%\r20%%\r\n" % i for i in range(3000))
     client = FlakyClient(data, breaks=[3, 5, 1, 8, 2])
-    s = FakeSession(client)
+    s = StubSession(client)
     out = io.BytesIO()
     events = []
-    for ev in app.logs(s, "tower:7", follow=True, sleep=lambda d: None):
+    for ev in logs.logs(s, "tower:7", follow=True, sleep=lambda d: None):
         events.append(ev[0])
         if ev[0] == "data":
             out.write(ev[1])
@@ -77,12 +57,12 @@ def test_tail_offset(tmp_path):
     p = tmp_path / "log"
     p.write_bytes(b"a\nb\nc\nd\n")
     with open(p, "rb") as f:
-        assert verbs._tail_offset(f, 2) == 4
-        assert verbs._tail_offset(f, 10) == 0
-        assert verbs._tail_offset(f, 0) == 8
+        assert agentlogs._tail_offset(f, 2) == 4
+        assert agentlogs._tail_offset(f, 10) == 0
+        assert agentlogs._tail_offset(f, 0) == 8
     p.write_bytes(b"a\nb\npartial")
     with open(p, "rb") as f:
-        assert verbs._tail_offset(f, 1) == 4
+        assert agentlogs._tail_offset(f, 1) == 4
 
 
 def test_tail_offset_long_lines_and_block_edges(tmp_path):
@@ -92,15 +72,15 @@ def test_tail_offset_long_lines_and_block_edges(tmp_path):
     with open(p, "rb") as f:
         for n in range(0, len(lines) + 2):
             want = b"".join(lines[max(0, len(lines) - n):]) if n else b""
-            off = verbs._tail_offset(f, n)
+            off = agentlogs._tail_offset(f, n)
             assert p.read_bytes()[off:] == want, n
     p.write_bytes(b"")
     with open(p, "rb") as f:
-        assert verbs._tail_offset(f, 3) == 0
+        assert agentlogs._tail_offset(f, 3) == 0
     p.write_bytes(b"only, no newline")
     with open(p, "rb") as f:
-        assert verbs._tail_offset(f, 1) == 0
-        assert verbs._tail_offset(f, 0) == len(b"only, no newline")
+        assert agentlogs._tail_offset(f, 1) == 0
+        assert agentlogs._tail_offset(f, 0) == len(b"only, no newline")
 
 
 class _Transport:
@@ -112,7 +92,7 @@ class _Transport:
         self.closed.set()
 
 
-class SilentClient:
+class SilentClient(StubClient):
     """The first connection sends some frames and then goes silent (no data, no heartbeat, no
     RST) until its transport is closed; the next one sends the rest."""
 
@@ -138,9 +118,9 @@ class SilentClient:
 def test_a_silent_connection_becomes_a_reconnect():
     data = bytes(range(256)) * 100
     client = SilentClient(data, 1000)
-    s = FakeSession(client)
+    s = StubSession(client)
     out, events = b"", []
-    for ev in app.logs(s, "tower:7", follow=True, sleep=lambda d: None, stall_after=0.3):
+    for ev in logs.logs(s, "tower:7", follow=True, sleep=lambda d: None, stall_after=0.3):
         events.append(ev)
         if ev[0] == "data":
             out += ev[1]
@@ -153,7 +133,7 @@ def test_a_silent_connection_becomes_a_reconnect():
     assert events[-1][1]["exit_code"] == 3
 
 
-class SlowConsumerClient:
+class SlowConsumerClient(StubClient):
     def __init__(self):
         self.transport = _Transport()
 
@@ -167,7 +147,7 @@ def test_a_slow_terminal_is_not_a_dead_network():
     import time
     client = SlowConsumerClient()
     events = []
-    for ev in app.logs(FakeSession(client), "tower:7", follow=True, stall_after=0.2):
+    for ev in logs.logs(StubSession(client), "tower:7", follow=True, stall_after=0.2):
         events.append(ev[0])
         if ev[0] == "data":
             time.sleep(0.5)  # the caller holds the event longer than the stall limit
@@ -175,7 +155,7 @@ def test_a_slow_terminal_is_not_a_dead_network():
     assert not client.transport.closed.is_set()
 
 
-class GapClient:
+class GapClient(StubClient):
     def stream(self, verb, req):
         yield {"o": 0, "d": base64.b64encode(b"abc").decode()}
         yield {"o": 10, "d": base64.b64encode(b"xyz").decode()}
@@ -185,7 +165,7 @@ def test_a_gap_in_the_stream_is_an_error_not_silence():
     import pytest
     from launcher.errors import RtrainError
     with pytest.raises(RtrainError, match="skipped bytes 3-10"):
-        list(app.logs(FakeSession(GapClient()), "tower:7", follow=True))
+        list(logs.logs(StubSession(GapClient()), "tower:7", follow=True))
 
 
 def test_watch_sees_the_log_and_the_exit_file(tmp_path):
@@ -212,12 +192,12 @@ def test_watch_sees_the_log_and_the_exit_file(tmp_path):
 
 def _follow_with(events):
     from launcher import commands
-    orig = app.logs
-    app.logs = lambda *a, **k: iter(events)
+    orig = logs.logs
+    logs.logs = lambda *a, **k: iter(events)
     try:
-        return commands._follow(FakeSession(None), "tower:7", None, follow=True)
+        return commands._follow(StubSession(None), "tower:7", None, follow=True)
     finally:
-        app.logs = orig
+        logs.logs = orig
 
 
 def test_follow_exit_codes_and_messages(capsysbinary):
@@ -287,7 +267,7 @@ def test_a_frame_cut_short_is_a_dropped_connection():
     assert frames == [{"o": 0, "d": "YQ=="}]
 
 
-class RefusingClient:
+class RefusingClient(StubClient):
     """Every connection fails with the same error."""
 
     def __init__(self, err):
@@ -297,7 +277,7 @@ class RefusingClient:
     def stream(self, verb, req):
         self.calls += 1
         raise self.err
-        yield  # noqa: unreachable - a generator, like the real one
+        yield  # a generator, like the real one
 
 
 def test_errors_that_cannot_heal_end_the_follow_at_once():
@@ -306,12 +286,12 @@ def test_errors_that_cannot_heal_end_the_follow_at_once():
                 HostError("tower", "python3 not found on the host", check="python", permanent=True)):
         c = RefusingClient(err)
         with pytest.raises(HostError) as got:
-            list(app.logs(FakeSession(c), "tower:7", follow=True, sleep=lambda d: None))
+            list(logs.logs(StubSession(c), "tower:7", follow=True, sleep=lambda d: None))
         assert got.value is err and c.calls == 1
     # a refused key may be a drop mid-handshake once; again and again, it is a refusal
     c = RefusingClient(HostError("tower", "authentication refused for alice@tower"))
     events = []
     with pytest.raises(HostError):
-        for ev in app.logs(FakeSession(c), "tower:7", follow=True, sleep=lambda d: None):
+        for ev in logs.logs(StubSession(c), "tower:7", follow=True, sleep=lambda d: None):
             events.append(ev[0])
     assert events == ["reconnecting"] * 3 and c.calls == 4

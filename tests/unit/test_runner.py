@@ -8,7 +8,7 @@ import time
 import pytest
 
 from support import fill_disk, need
-from launcher.agent import db, fsutil, paths, runner, scheduler
+from launcher.agent import db, fsutil, jobstate, paths, runner
 
 
 def _home(root):
@@ -16,7 +16,7 @@ def _home(root):
 
 
 def _job(home, command, job_id=1):
-    os.makedirs(home.work(job_id))
+    os.makedirs(home.job(job_id).work)
     return {"id": job_id, "command": command, "env": {}, "grace": 2, "gpus": [], "lock_dir": None}
 
 
@@ -62,10 +62,10 @@ def test_exit_is_recorded_when_the_disk_is_full_before_pid_json(small_disk):
     job = _job(home, "exit 3")
     _fill(small_disk, leave=4096)  # one page: runner.EXIT_ROOM
     _run_wrapper(home, job)
-    ex = fsutil.read_json(home.exit_file(1))
-    assert ex is not None, "exit code lost: %s" % os.listdir(home.job_dir(1))
+    ex = fsutil.read_json(home.job(1).exit)
+    assert ex is not None, "exit code lost: %s" % os.listdir(home.job(1).dir)
     assert ex["exit_code"] == 3 and ex["cancelled"] is False
-    assert not os.path.exists(os.path.join(home.job_dir(1), "exit.pending"))
+    assert not os.path.exists(os.path.join(home.job(1).dir, "exit.pending"))
 
 
 def test_the_wrapper_outlives_its_job_even_when_pid_json_cannot_be_written(small_disk, tmp_path):
@@ -87,14 +87,14 @@ def test_a_job_cancelled_before_it_started_has_no_exit_code(tmp_path):
     job = _job(home, "echo should-not-run", job_id)
     con.execute("UPDATE jobs SET state='running', attempts=1, started_at=?, boot_id=? WHERE id=?",
                 (time.time(), fsutil.boot_id(), job_id))
-    open(home.cancel_file(job_id), "w").close()
+    open(home.job(job_id).cancel, "w").close()
     _run_wrapper(home, job)
-    ex = fsutil.read_json(home.exit_file(job_id))
+    ex = fsutil.read_json(home.job(job_id).exit)
     assert ex["exit_code"] is None and ex["signal"] is None and ex["cancelled"] is True
-    with open(home.log(job_id)) as f:
+    with open(home.job(job_id).log) as f:
         log = f.read()
     assert log == "rtrain: cancelled before it started\n"
-    scheduler.finalize_exited(con, home)
+    jobstate.finalize_exited(con, home)
     row = db.get(con, job_id)
     assert row["state"] == "cancelled" and row["exit_code"] is None and row["attempts"] == 1
 
@@ -103,6 +103,6 @@ def test_exit_record_is_plain_json_with_trailing_spaces(tmp_path):
     home = _home(tmp_path / "home")
     job = _job(home, "exit 5")
     _run_wrapper(home, job)
-    with open(home.exit_file(1), "rb") as f:
+    with open(home.job(1).exit, "rb") as f:
         raw = f.read()
     assert json.loads(raw.decode())["exit_code"] == 5  # what readers do (fsutil.read_json)

@@ -8,16 +8,21 @@ import sys
 import pytest
 
 import fakesmi
-from launcher.agent import inventory, paths, scheduler
+from launcher.agent import daemon, fsutil, gpus, inventory, paths, scheduler
+from launcher.agent.settings import Settings
 
 
 @pytest.fixture
 def smi(tmp_path, monkeypatch):
     state = fakesmi.install(tmp_path / "bin")
     monkeypatch.setenv("FAKE_NVIDIA_SMI_STATE", str(state))
-    cfg = {"mem_busy_mib": 1024, "visible": None, "lock_dir": str(tmp_path / "locks"),
-           "nvidia_smi": str(tmp_path / "bin" / "nvidia-smi")}
-    return state, cfg
+    settings = Settings(lock_dir=str(tmp_path / "locks"), nvidia_smi=str(tmp_path / "bin" / "nvidia-smi"))
+    return state, settings
+
+
+def units_of(settings, sessions=()):
+    """What the daemon sees: processes in one of `sessions` (our jobs' wrappers) are ours."""
+    return gpus.read(settings, is_own=lambda pid: fsutil.session_id(pid) in sessions)
 
 
 def _sleeper(new_session):
@@ -35,14 +40,13 @@ def test_processes_of_our_jobs_sessions_are_ours(smi):
              "used_memory": 30000, "live": True},
             {"gpu_uuid": fakesmi.gpu_uuid(1), "pid": other.pid, "process_name": "python other.py",
              "used_memory": 30000, "live": True}])
-        units, err = scheduler.gpu_units(cfg, sessions={job.pid})
-        assert err is None
+        units = units_of(cfg, sessions={job.pid})
         by = {u["uuid"]: u for u in units}
         assert by[st["gpus"][0]["uuid"]]["state"] == "free"     # ours: the lease guards it
         assert by[st["gpus"][1]["uuid"]]["state"] == "busy"
         assert "foreign" in by[st["gpus"][1]["uuid"]]["reason"]
         # without the session, the same process is foreign, and its memory makes GPU 0 busy
-        units, _ = scheduler.gpu_units(cfg, sessions=set())
+        units = units_of(cfg, sessions=set())
         assert [u["state"] for u in units] == ["busy", "busy"]
     finally:
         for p in (job, other):
@@ -55,25 +59,25 @@ def test_live_apps_vanish_with_their_process(smi):
     p = _sleeper(new_session=True)
     fakesmi.write_state(state, gpus=1, apps=[
         {"gpu_uuid": fakesmi.gpu_uuid(0), "pid": p.pid, "used_memory": 30000, "live": True}])
-    assert scheduler.gpu_units(cfg)[0][0]["state"] == "busy"
+    assert units_of(cfg)[0]["state"] == "busy"
     p.kill()
     p.wait()
-    assert scheduler.gpu_units(cfg)[0][0]["state"] == "free"
+    assert units_of(cfg)[0]["state"] == "free"
 
 
 def test_gpu_count_cache_is_keyed_by_nvidia_smi_and_expires(tmp_path, smi):
     _, cfg = smi
     home = paths.Home(str(tmp_path / "home")).ensure()
-    k = inventory.key(cfg)
-    assert k["resolved"] == cfg["nvidia_smi"]
+    k = cfg.gpu_count_key()
+    assert k["resolved"] == cfg.nvidia_smi
     assert inventory.cached_count(home, k) is None
     inventory.save(home, k, 4)
     assert inventory.cached_count(home, k) == 4
     assert inventory.cached_count(home, k, max_age=0) is None
-    other = dict(cfg, visible=["0"])
-    assert inventory.cached_count(home, inventory.key(other)) is None
-    gone = dict(cfg, nvidia_smi=str(tmp_path / "nope" / "nvidia-smi"))
-    assert inventory.key(gone)["resolved"] is None
+    other = cfg._replace(visible=("0",))
+    assert inventory.cached_count(home, other.gpu_count_key()) is None
+    gone = cfg._replace(nvidia_smi=str(tmp_path / "nope" / "nvidia-smi"))
+    assert gone.gpu_count_key()["resolved"] is None
     inventory.forget(home)
     assert inventory.cached_count(home, k) is None
 
@@ -82,14 +86,14 @@ def test_daemon_asks_nvidia_smi_again_only_when_its_snapshot_cannot_be_trusted(t
     from launcher.agent import leases
     home = paths.Home(str(tmp_path / "home")).ensure()
     lock_dir = str(tmp_path / "locks")
-    d = scheduler.Daemon(home, ["agent"])
+    d = daemon.Daemon(home, ["agent"])
     calls = []
     units = [{"uuid": "GPU-a", "state": "free"}, {"uuid": "GPU-b", "state": "busy"}]
-    monkeypatch.setattr(scheduler, "gpu_units", lambda cfg, sessions=(): (
-        calls.append(set(sessions)) or [dict(u) for u in units], None))
+    monkeypatch.setattr(scheduler.gpus, "read", lambda settings, is_own=None: (
+        calls.append(settings) or [dict(u) for u in units]))
     clock = [100.0]
     monkeypatch.setattr(scheduler.time, "monotonic", lambda: clock[0])
-    cfg = {"mem_busy_mib": 1024, "visible": None, "lock_dir": lock_dir, "nvidia_smi": "nvidia-smi"}
+    cfg = Settings(lock_dir=lock_dir)
     a = leases.try_acquire(lock_dir, "GPU-a")   # our job on A: free in the snapshot
     b = leases.try_acquire(lock_dir, "GPU-b")   # someone else's job on B: busy in it
     d._units(cfg, lock_dir)
@@ -104,5 +108,5 @@ def test_daemon_asks_nvidia_smi_again_only_when_its_snapshot_cannot_be_trusted(t
     clock[0] += scheduler.SNAPSHOT_MAX_AGE_S     # too old: ask again
     d._units(cfg, lock_dir)
     assert len(calls) == 3
-    d._units(dict(cfg, visible=["0"]), lock_dir)  # other settings: ask again
+    d._units(cfg._replace(visible=("0",)), lock_dir)  # other settings: ask again
     assert len(calls) == 4

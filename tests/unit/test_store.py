@@ -8,8 +8,13 @@ import sys
 
 import pytest
 
+from launcher.agent import packs as packsmod
 from launcher.agent import store as storemod
+from launcher.agent.manifest import ManifestError
+from launcher.agent.materialize import materialize
 from launcher.agent.store import Store, StoreError
+from support import blob_bytes as read
+from support import store_blobs as stored
 
 
 def sha(b):
@@ -47,7 +52,7 @@ def test_receive_stores_verified_read_only_blobs(tmp_path):
     assert st.missing([sha(a), sha(b), sha(a)]) == [sha(a), sha(b)]
     assert st.receive(stream(a, b)) == {"count": 2, "bytes": len(a) + len(b)}
     assert st.missing([sha(a), sha(b)]) == []
-    assert st.read(sha(a)) == a and st.read(sha(b)) == b
+    assert read(st, sha(a)) == a and read(st, sha(b)) == b
     p = st.path(sha(b))
     assert p == os.path.join(str(tmp_path / "store"), sha(b)[:2], sha(b)[2:])
     assert open(p, "rb").read() == b
@@ -60,15 +65,15 @@ def test_receive_stores_verified_read_only_blobs(tmp_path):
     assert not os.path.exists(st.path(sha(a)))
     # sending a blob that is already there is fine
     assert st.receive(stream(a))["count"] == 1
-    assert st.read(sha(a)) == a
+    assert read(st, sha(a)) == a
     assert st.receive(io.BytesIO(b"END\n")) == {"count": 0, "bytes": 0}
     # many small blobs in one stream: one file in the store, each read back whole
     many = [("blob %d\n" % i).encode() * (i + 1) for i in range(300)] + [a]
     st.receive(stream(*many))
     assert len(packs(tmp_path / "store")) == 3
-    assert all(st.read(sha(x)) == x for x in many)
+    assert all(read(st, sha(x)) == x for x in many)
     assert st.missing([sha(x) for x in many]) == []
-    assert st.hashes() == sorted({sha(x) for x in many + [b]})
+    assert stored(tmp_path / "store") == sorted({sha(x) for x in many + [b]})
 
 
 @pytest.mark.parametrize("cut", ["in_data", "after_frame", "in_header", "empty"])
@@ -106,8 +111,8 @@ def test_hash_mismatch_is_rejected(tmp_path):
     raw = frame(b"ok") + frame(b"what arrived!!!!!!!!", h=claimed) + b"END\n"
     with pytest.raises(StoreError, match="hash"):
         st.receive(io.BytesIO(raw))
-    assert st.has(sha(b"ok"))
-    assert not st.has(claimed)
+    assert not st.missing([sha(b"ok")])
+    assert st.missing([claimed]) == [claimed]
     (pack,) = packs(tmp_path / "store")
     assert open(pack, "rb").read() == b"ok"  # nothing of the bad one
     assert [f for f in os.listdir(str(tmp_path / "store")) if f.startswith(".tmp")] == []
@@ -123,7 +128,7 @@ def test_bad_header_is_rejected(tmp_path, header):
 
 
 def test_missing_rejects_non_hashes(tmp_path):
-    with pytest.raises(StoreError):
+    with pytest.raises(ManifestError):
         Store(tmp_path / "s").missing(["../../etc/passwd"])
 
 
@@ -143,7 +148,7 @@ def test_materialize_copies_modes_dirs_and_symlinks(tmp_path):
         {"path": "deep/up", "type": "symlink", "target": "../a.py"},
     ]
     dest = tmp_path / "job" / "work"
-    st.materialize(entries, str(dest))
+    materialize(st, entries, str(dest))
     assert (dest / "a.py").read_bytes() == b"print(1)\n"
     assert (dest / "same.py").read_bytes() == b"print(1)\n"
     assert mode(dest / "a.py") == 0o644
@@ -153,7 +158,7 @@ def test_materialize_copies_modes_dirs_and_symlinks(tmp_path):
     # copies, never hard links to the store (a pack, or a loose blob)
     big = os.urandom(3 << 20)
     (hbig,) = put(st, big)
-    st.materialize([{"path": "big", "type": "file", "hash": hbig, "size": len(big), "exec": False}],
+    materialize(st, [{"path": "big", "type": "file", "hash": hbig, "size": len(big), "exec": False}],
                    str(tmp_path / "job2"))
     assert (tmp_path / "job2" / "big").read_bytes() == big
     assert os.stat(str(tmp_path / "job2" / "big")).st_ino != os.stat(st.path(hbig)).st_ino
@@ -169,8 +174,8 @@ def test_materialize_rejects_bad_paths(tmp_path, path):
     st = Store(tmp_path / "store")
     (h,) = put(st, b"payload")
     dest = tmp_path / "w" / "work"
-    with pytest.raises(StoreError, match="bad path"):
-        st.materialize([{"path": path, "type": "file", "hash": h, "size": 7, "exec": False}], str(dest))
+    with pytest.raises(ManifestError, match="bad path"):
+        materialize(st, [{"path": path, "type": "file", "hash": h, "size": 7, "exec": False}], str(dest))
     assert not (tmp_path / "w" / "x").exists()
     assert not (tmp_path / "x").exists()
 
@@ -185,8 +190,8 @@ def test_materialize_never_writes_through_a_symlink(tmp_path):
     (dest / "sub").mkdir(parents=True)
     for lnk_target in ("sub", "."):
         d = tmp_path / ("work-" + lnk_target.replace(".", "dot"))
-        with pytest.raises(StoreError, match="through the symlink"):
-            st.materialize([
+        with pytest.raises(ManifestError, match="through the symlink"):
+            materialize(st, [
                 {"path": "sub/keep", "type": "file", "hash": h, "size": 4, "exec": False},
                 {"path": "lnk", "type": "symlink", "target": lnk_target},
                 {"path": "lnk/x", "type": "file", "hash": h, "size": 4, "exec": False},
@@ -196,15 +201,15 @@ def test_materialize_never_writes_through_a_symlink(tmp_path):
     d = tmp_path / "work2"
     d.mkdir()
     os.symlink(str(outside), str(d / "out"))
-    with pytest.raises(StoreError, match="through the symlink"):
-        st.materialize([{"path": "out/x", "type": "file", "hash": h, "size": 4, "exec": False}], str(d))
+    with pytest.raises(ManifestError, match="through the symlink"):
+        materialize(st, [{"path": "out/x", "type": "file", "hash": h, "size": 4, "exec": False}], str(d))
     assert list(outside.iterdir()) == []
     # and a file entry that names an existing symlink does not write through it
     d = tmp_path / "work3"
     d.mkdir()
     os.symlink(str(outside / "victim"), str(d / "f"))
-    with pytest.raises(StoreError):
-        st.materialize([{"path": "f", "type": "file", "hash": h, "size": 4, "exec": False}], str(d))
+    with pytest.raises(ManifestError):
+        materialize(st, [{"path": "f", "type": "file", "hash": h, "size": 4, "exec": False}], str(d))
     assert not (outside / "victim").exists()
 
 
@@ -212,13 +217,13 @@ def test_materialize_never_writes_through_a_symlink(tmp_path):
                                          ("d/l", "../.."), ("l", ""), ("l", "a\0b")])
 def test_materialize_rejects_symlinks_leaving_the_tree(tmp_path, path, target):
     st = Store(tmp_path / "store")
-    with pytest.raises(StoreError, match="symlink"):
-        st.materialize([{"path": path, "type": "symlink", "target": target}], str(tmp_path / "w"))
+    with pytest.raises(ManifestError, match="symlink"):
+        materialize(st, [{"path": path, "type": "symlink", "target": target}], str(tmp_path / "w"))
 
 
 def test_materialize_accepts_symlink_up_within_tree(tmp_path):
     st = Store(tmp_path / "store")
-    st.materialize([{"path": "a/b/l", "type": "symlink", "target": "../../c/../d"}], str(tmp_path / "w"))
+    materialize(st, [{"path": "a/b/l", "type": "symlink", "target": "../../c/../d"}], str(tmp_path / "w"))
     assert os.readlink(str(tmp_path / "w/a/b/l")) == "../../c/../d"
 
 
@@ -226,22 +231,22 @@ def test_materialize_missing_blob_and_duplicates(tmp_path):
     st = Store(tmp_path / "store")
     h = sha(b"never sent")
     with pytest.raises(StoreError, match=h):
-        st.materialize([{"path": "f", "type": "file", "hash": h, "size": 1, "exec": False}],
+        materialize(st, [{"path": "f", "type": "file", "hash": h, "size": 1, "exec": False}],
                        str(tmp_path / "w"))
     (h2,) = put(st, b"x")
     e = {"path": "f", "type": "file", "hash": h2, "size": 1, "exec": False}
-    with pytest.raises(StoreError, match="twice"):
-        st.materialize([e, e], str(tmp_path / "w2"))
-    with pytest.raises(StoreError, match="through the file"):
-        st.materialize([e, dict(e, path="f/g")], str(tmp_path / "w3"))
-    with pytest.raises(StoreError, match="unknown type"):
-        st.materialize([dict(e, type="fifo")], str(tmp_path / "w4"))
-    with pytest.raises(StoreError, match="sha256"):
-        st.materialize([dict(e, hash="../../x")], str(tmp_path / "w5"))
+    with pytest.raises(ManifestError, match="twice"):
+        materialize(st, [e, e], str(tmp_path / "w2"))
+    with pytest.raises(ManifestError, match="through the file"):
+        materialize(st, [e, dict(e, path="f/g")], str(tmp_path / "w3"))
+    with pytest.raises(ManifestError, match="unknown type"):
+        materialize(st, [dict(e, type="fifo")], str(tmp_path / "w4"))
+    with pytest.raises(ManifestError, match="sha256"):
+        materialize(st, [dict(e, hash="../../x")], str(tmp_path / "w5"))
 
 
 def test_isolation_job_rewriting_its_files_changes_nothing_else(tmp_path):
-    """DESIGN decision 1: a job that rewrites a file in place must not change the store or
+    """docs/design.md "Snapshots": a job that rewrites a file in place must not change the store or
     another job's copy (hard links would)."""
     st = Store(tmp_path / "store")
     original = b"learning_rate = 3e-4\n" * 100
@@ -249,8 +254,8 @@ def test_isolation_job_rewriting_its_files_changes_nothing_else(tmp_path):
     entries = [{"path": "cfg/train.py", "type": "file", "hash": h, "size": len(original), "exec": False},
                {"path": "run.sh", "type": "file", "hash": h, "size": len(original), "exec": True}]
     job1, job2 = tmp_path / "jobs/1/work", tmp_path / "jobs/2/work"
-    st.materialize(entries, str(job1))
-    st.materialize(entries, str(job2))
+    materialize(st, entries, str(job1))
+    materialize(st, entries, str(job2))
 
     # job 1 rewrites a file in place (same inode)
     with open(str(job1 / "cfg/train.py"), "r+b") as f:
@@ -263,7 +268,7 @@ def test_isolation_job_rewriting_its_files_changes_nothing_else(tmp_path):
         f.truncate()
     assert (job1 / "cfg/train.py").read_bytes().startswith(b"HACKED")
 
-    data = st.read(h)
+    data = read(st, h)
     assert data == original and sha(data) == h
     assert all(mode(p) == 0o444 for p in packs(tmp_path / "store"))
     assert (job2 / "cfg/train.py").read_bytes() == original
@@ -271,7 +276,7 @@ def test_isolation_job_rewriting_its_files_changes_nothing_else(tmp_path):
     assert mode(job2 / "run.sh") == 0o755
     # a third job materialized afterwards still gets the original
     job3 = tmp_path / "jobs/3/work"
-    st.materialize(entries, str(job3))
+    materialize(st, entries, str(job3))
     assert (job3 / "run.sh").read_bytes() == original
 
 
@@ -282,8 +287,8 @@ def test_copy_falls_back_without_copy_file_range(tmp_path, monkeypatch):
 
     def nope(*a, **k):
         raise OSError(18, "EXDEV")  # cross-device: fall back to read/write
-    monkeypatch.setattr(storemod.os, "copy_file_range", nope, raising=False)
-    st.materialize([{"path": "f", "type": "file", "hash": h, "size": len(data), "exec": False}],
+    monkeypatch.setattr(packsmod.os, "copy_file_range", nope, raising=False)
+    materialize(st, [{"path": "f", "type": "file", "hash": h, "size": len(data), "exec": False}],
                    str(tmp_path / "w"))
     assert (tmp_path / "w/f").read_bytes() == data
 
@@ -306,14 +311,14 @@ def test_gc_writes_a_pack_again_with_the_kept_blobs(tmp_path):
     (old,) = packs(tmp_path / "store")
     assert st.gc([h1, h3]) == {"count": 1, "bytes": 4}
     assert st.missing([h1, h2, h3]) == [h2]
-    assert st.read(h1) == b"one" and st.read(h3) == b"three"
+    assert read(st, h1) == b"one" and read(st, h3) == b"three"
     (new,) = packs(tmp_path / "store")
     assert new != old and open(new, "rb").read() == b"onethree"
     assert st.gc([]) == {"count": 2, "bytes": 8}
     assert packs(tmp_path / "store") == []
     dest = tmp_path / "w"
     with pytest.raises(StoreError, match=h1):
-        st.materialize([{"path": "f", "type": "file", "hash": h1, "size": 3, "exec": False}], str(dest))
+        materialize(st, [{"path": "f", "type": "file", "hash": h1, "size": 3, "exec": False}], str(dest))
 
 
 def test_a_lost_pack_counts_as_missing_and_is_sent_again(tmp_path):
@@ -325,8 +330,8 @@ def test_a_lost_pack_counts_as_missing_and_is_sent_again(tmp_path):
     assert Store(tmp_path / "store").missing([ha, hb]) == [ha, hb]
     put(st, b"alpha")
     st2 = Store(tmp_path / "store")
-    assert st2.missing([ha, hb]) == [hb] and st2.read(ha) == b"alpha"
-    st2.materialize([{"path": "a", "type": "file", "hash": ha, "size": 5, "exec": False}], str(tmp_path / "w"))
+    assert st2.missing([ha, hb]) == [hb] and read(st2, ha) == b"alpha"
+    materialize(st2, [{"path": "a", "type": "file", "hash": ha, "size": 5, "exec": False}], str(tmp_path / "w"))
     assert (tmp_path / "w" / "a").read_bytes() == b"alpha"
 
 
@@ -351,7 +356,7 @@ def test_concurrent_receivers_share_one_store(tmp_path):
     assert st.missing([sha(b) for b in every]) == []
     entries = [{"path": "f%d" % i, "type": "file", "hash": sha(b), "size": len(b), "exec": False}
                for i, b in enumerate(every)]
-    st.materialize(entries, str(tmp_path / "w"))
+    materialize(st, entries, str(tmp_path / "w"))
     assert all((tmp_path / "w" / ("f%d" % i)).read_bytes() == b for i, b in enumerate(every))
 
 

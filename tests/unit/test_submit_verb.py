@@ -1,4 +1,4 @@
-"""The agent's submit verb (issue 3, DESIGN.md decision 3): a job appears only while its client
+"""The agent's submit verb (docs/design.md "Atomic submit"): a job appears only while its client
 is still there, never half made, and its work dir is left to the daemon."""
 import hashlib
 import io
@@ -8,6 +8,7 @@ import os
 import pytest
 
 from launcher.agent import db, paths, store, verbs
+from launcher.agent.verbs.context import Context
 from launcher.agent.protocol import AgentError
 
 
@@ -24,10 +25,10 @@ def _submit(req, client_stays):
     r, w = os.pipe()
     if not client_stays:
         os.close(w)  # the connection was cut: sshd closed the agent's stdin
-    ctx = verbs.Context(req, os.fdopen(r, "rb"), io.StringIO(), ["agent"])
+    ctx = Context(req, os.fdopen(r, "rb"), io.StringIO(), ["agent"])
     ctx.poke = lambda: None
     try:
-        return ctx, verbs.submit(ctx)
+        return ctx, verbs.submit.submit(ctx)
     finally:
         if client_stays:
             os.close(w)
@@ -50,8 +51,8 @@ def test_a_job_is_queued_with_its_manifest_and_no_work_dir_yet(tmp_path):
     job = res["job"]
     assert job["state"] == "queued" and job["files"] == 1 and not res["duplicate"]
     h = paths.Home(home)
-    assert sorted(os.listdir(h.job_dir(job["id"]))) == ["env.json", "log", "manifest.json"]
-    with open(os.path.join(h.job_dir(job["id"]), "manifest.json")) as f:
+    assert sorted(os.listdir(h.job(job["id"]).dir)) == ["env.json", "log", "manifest.json"]
+    with open(os.path.join(h.job(job["id"]).dir, "manifest.json")) as f:
         assert [e["path"] for e in json.load(f)["entries"]] == ["t.py"]
     assert os.listdir(h.tmp) == []
     # the same request again (a client retrying after a lost reply) is the same job
@@ -76,13 +77,13 @@ def test_a_bad_manifest_is_refused_at_submit(tmp_path, entries):
 
 
 def test_env_values_stay_out_of_the_job_database(tmp_path):
-    """--env values may be secrets (DESIGN.md 8): they live in the job's 0600 env.json."""
+    """--env values may be secrets (docs/design.md): they live in the job's 0600 env.json."""
     home = str(tmp_path / "home")
     req = _request(home)
     req["env"] = {"WANDB_API_KEY": "s3cr3t-value"}
     _, res = _submit(req, client_stays=True)
     h = paths.Home(home)
-    env_file = h.env_file(res["job"]["id"])
+    env_file = h.job(res["job"]["id"]).env
     assert oct(os.stat(env_file).st_mode & 0o777) == "0o600"
     with open(env_file) as f:
         assert json.load(f) == {"WANDB_API_KEY": "s3cr3t-value"}

@@ -1,5 +1,6 @@
-"""launcher/sync.py: file selection (git and plain trees), the hash cache, the manifest and the
-blob stream, checked end to end against launcher/agent/store.py with real files and real git."""
+"""launcher/selection.py, hashcache.py and sync.py: file selection (git and plain trees), the hash
+cache, the manifest and the blob stream, checked end to end against the agent's store with real
+files and real git."""
 import hashlib
 import io
 import os
@@ -9,7 +10,8 @@ import subprocess
 
 import pytest
 
-from launcher import sync
+from launcher import hashcache, selection, sync
+from launcher.agent.materialize import materialize
 from launcher.agent.store import Store, StoreError
 
 pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="needs the git binary")
@@ -25,6 +27,19 @@ def git(root, *args):
         env.pop(k, None)
     return subprocess.run(["git", "-C", str(root)] + list(args), check=True, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE).stdout
+
+
+def select_files(root):
+    """(sorted paths, warnings) a sync of root takes."""
+    paths, warnings, _stats, _in_git = selection.select(os.path.abspath(root))
+    return paths, warnings
+
+
+def git_info(root):
+    """What a job records of root's git state: {"commit", "dirty"}, or None outside git."""
+    if not selection.in_git_work_tree(root):
+        return None
+    return selection.GitStatus(root).result()
 
 
 def write(root, rel, data=b"x", mode=None):
@@ -70,7 +85,7 @@ def test_plain_tree_applies_every_gitignore_and_rtrainignore(tmp_path):
     expected = make_tree(root)
     write(root, ".git/config", "not a repo, but .git is never sent")
     write(root, "lib/.git", "gitdir: somewhere")
-    paths, warnings = sync.select_files(str(root))
+    paths, warnings = select_files(str(root))
     assert paths == expected
     assert warnings == []
 
@@ -80,7 +95,7 @@ def test_git_selection_matches_the_plain_walk(tmp_path):
     root = tmp_path / "repo"
     expected = make_tree(root)
     git(root, "init", "-q")
-    paths, warnings = sync.select_files(str(root))
+    paths, warnings = select_files(str(root))
     assert paths == expected
     assert warnings == []
     listed = git(root, "ls-files", "-z", "--cached", "--others", "--exclude-standard").split(b"\0")
@@ -99,7 +114,7 @@ def test_git_tracked_ignored_deleted_and_subdir_root(tmp_path):
     os.unlink(str(root / "gone.py"))
     write(root, "untracked.py")
     write(root, "debug.log")  # ignored, untracked
-    paths, _ = sync.select_files(str(root))
+    paths, _ = select_files(str(root))
     assert "forced.log" in paths            # git takes tracked files even if they match .gitignore
     assert "gone.py" not in paths           # deleted but still in the index
     assert "untracked.py" in paths
@@ -108,13 +123,13 @@ def test_git_tracked_ignored_deleted_and_subdir_root(tmp_path):
 
     # root below the repo's top: its files only, relative to it, parents' .gitignore in force
     write(root, "lib/new.log")
-    sub, _ = sync.select_files(str(root / "lib"))
+    sub, _ = select_files(str(root / "lib"))
     assert sub == sorted([".gitignore", "important.tmp", "model.py", "top.txt"])
     m = sync.build_manifest(str(root / "lib"), cache_path=str(tmp_path / "c.sqlite"))
     assert m["git"]["commit"] == git(root, "rev-parse", "HEAD").decode().strip()
     assert m["git"]["dirty"] is False       # lib/new.log is ignored; untracked.py is outside lib
     write(root, "lib/extra.py")
-    assert sync.git_info(str(root / "lib"))["dirty"] is True
+    assert git_info(str(root / "lib"))["dirty"] is True
 
 
 def test_git_submodule_and_nested_repo_are_skipped_with_a_warning(tmp_path):
@@ -126,7 +141,7 @@ def test_git_submodule_and_nested_repo_are_skipped_with_a_warning(tmp_path):
     nested = root / "nested"
     write(nested, "n.py")
     git(nested, "init", "-q")
-    paths, warnings = sync.select_files(str(root))
+    paths, warnings = select_files(str(root))
     assert paths == ["a.py"]
     assert any("submodule vendor/lib" in w for w in warnings)
     assert any("nested/" in w and "nested git repository" in w for w in warnings)
@@ -135,9 +150,9 @@ def test_git_submodule_and_nested_repo_are_skipped_with_a_warning(tmp_path):
 def test_git_info_commit_and_dirty(tmp_path):
     root = tmp_path / "repo"
     root.mkdir()
-    assert sync.git_info(str(root)) is None
+    assert git_info(str(root)) is None
     git(root, "init", "-q")
-    assert sync.git_info(str(root)) == {"commit": None, "dirty": False}  # no commits, empty
+    assert git_info(str(root)) == {"commit": None, "dirty": False}  # no commits, empty
     write(root, ".gitignore", "*.log\n")
     write(root, "a.py", "1")
     m = sync.build_manifest(str(root), cache_path=str(tmp_path / "c.sqlite"))
@@ -145,22 +160,22 @@ def test_git_info_commit_and_dirty(tmp_path):
     git(root, "add", "-A")
     git(root, "commit", "-q", "-m", "one")
     head = git(root, "rev-parse", "HEAD").decode().strip()
-    assert sync.git_info(str(root)) == {"commit": head, "dirty": False}
+    assert git_info(str(root)) == {"commit": head, "dirty": False}
     write(root, "x.log")  # ignored: still clean
-    assert sync.git_info(str(root))["dirty"] is False
+    assert git_info(str(root))["dirty"] is False
     write(root, "new.py")  # untracked, not ignored: dirty
-    assert sync.git_info(str(root))["dirty"] is True
+    assert git_info(str(root))["dirty"] is True
     os.unlink(str(root / "new.py"))
     write(root, "a.py", "2")  # modified
-    assert sync.git_info(str(root))["dirty"] is True
+    assert git_info(str(root))["dirty"] is True
     # dirtiness is scoped to root when root is a subdirectory
     write(root, "a.py", "1")
     write(root, "clean/c.py")
     git(root, "add", "-A")
     git(root, "commit", "-q", "-m", "two")
     write(root, "a.py", "3")
-    assert sync.git_info(str(root / "clean"))["dirty"] is False
-    assert sync.git_info(str(root))["dirty"] is True
+    assert git_info(str(root / "clean"))["dirty"] is False
+    assert git_info(str(root))["dirty"] is True
     outside = sync.build_manifest(str(tmp_path / "repo"), cache_path=str(tmp_path / "c.sqlite"))
     assert outside["git"]["commit"] != head
 
@@ -219,7 +234,7 @@ def test_cache_avoids_rereads_and_notices_changes(tmp_path, counted):
 def test_cache_default_path_and_broken_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
-    assert sync.default_cache_path() == str(tmp_path / "home/.cache/rtrain/hashes.sqlite")
+    assert hashcache.default_cache_path() == str(tmp_path / "home/.cache/rtrain/hashes.sqlite")
     write(tmp_path / "p", "a.py")
     bad = write(tmp_path, "bad.sqlite", b"this is not a database" * 100)
     m = sync.build_manifest(str(tmp_path / "p"), cache_path=bad)  # degrades, does not fail
@@ -284,7 +299,7 @@ def round_trip(tmp_path, root, git_repo):
     assert got["count"] == len(wanted)  # each hash sent once
     assert st.missing(wanted) == []
     dest = tmp_path / "job" / "work"
-    st.materialize(m["entries"], str(dest))
+    materialize(st, m["entries"], str(dest))
     return m, dest
 
 

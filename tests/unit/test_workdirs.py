@@ -7,7 +7,7 @@ import json
 import os
 import time
 
-from launcher.agent import db, paths, scheduler, store, workdirs
+from launcher.agent import daemon, db, paths, store, workdirs
 
 
 def _home(tmp_path):
@@ -25,10 +25,10 @@ def _queue(home, files, lose=()):
     con = db.connect(home.db)
     job_id = db.insert_job(con, {"name": "t", "command": "true", "gpus": 0, "priority": 0,
                                  "retries": 0, "files": len(entries)})
-    os.makedirs(home.job_dir(job_id))
-    with open(os.path.join(home.job_dir(job_id), "manifest.json"), "w") as f:
+    os.makedirs(home.job(job_id).dir)
+    with open(os.path.join(home.job(job_id).dir, "manifest.json"), "w") as f:
         json.dump({"entries": entries}, f)
-    open(home.log(job_id), "w").close()
+    open(home.job(job_id).log, "w").close()
     return con, job_id, entries
 
 
@@ -36,7 +36,7 @@ def _settle(d, con, job_id, limit=30):
     """Run the daemon's passes until the job leaves `queued` (no job really starts: start is
     stubbed to record the call)."""
     started = []
-    d.start = lambda row, uuids, fds: started.append(row["id"]) or con.execute(
+    d.start = lambda row, uuids, fds, lock_dir=None: started.append(row["id"]) or con.execute(
         "UPDATE jobs SET state='running' WHERE id=?", (row["id"],))
     deadline = time.time() + limit
     while time.time() < deadline:
@@ -51,45 +51,45 @@ def _settle(d, con, job_id, limit=30):
 def test_small_tree_is_built_by_the_daemon_itself(tmp_path):
     home = _home(tmp_path)
     con, job_id, entries = _queue(home, workdirs.INLINE_MAX_FILES)
-    d = scheduler.Daemon(home, ["agent"])
+    d = daemon.Daemon(home, ["agent"])
     assert _settle(d, con, job_id) == [job_id] and not d.builders and not d.built
-    got = sorted(os.path.relpath(os.path.join(r, f), home.work(job_id))
-                 for r, _, fs in os.walk(home.work(job_id)) for f in fs)
+    got = sorted(os.path.relpath(os.path.join(r, f), home.job(job_id).work)
+                 for r, _, fs in os.walk(home.job(job_id).work) for f in fs)
     assert got == sorted(e["path"] for e in entries)
 
 
 def test_large_tree_is_built_by_a_child_and_the_job_waits_for_it(tmp_path):
     home = _home(tmp_path)
     con, job_id, entries = _queue(home, 300)
-    d = scheduler.Daemon(home, ["agent"])
+    d = daemon.Daemon(home, ["agent"])
     d.start = lambda *a: (_ for _ in ()).throw(AssertionError("started before its tree"))
     d.schedule()
     assert list(d.builders) == [job_id] and not workdirs.ready(home, job_id)
     assert _settle(d, con, job_id) == [job_id]
-    assert len(os.listdir(os.path.join(home.work(job_id), "d0"))) == 100
-    assert [n for n in os.listdir(home.job_dir(job_id)) if n.startswith("work.tmp")] == []
+    assert len(os.listdir(os.path.join(home.job(job_id).work, "d0"))) == 100
+    assert [n for n in os.listdir(home.job(job_id).dir) if n.startswith("work.tmp")] == []
 
 
 def test_a_build_that_fails_fails_the_job_and_says_why(tmp_path):
     for files in (3, 100):  # in the daemon, and in a child
         home = _home(tmp_path / str(files))
         con, job_id, _ = _queue(home, files, lose=[b"file 1\n"])
-        d = scheduler.Daemon(home, ["agent"])
+        d = daemon.Daemon(home, ["agent"])
         assert _settle(d, con, job_id) == []
         row = db.get(con, job_id)
         assert row["state"] == "failed" and row["ended_at"]
         assert row["message"].startswith("cannot build its work dir: blob ") and "not in the store" in row["message"]
-        with open(home.log(job_id)) as f:
+        with open(home.job(job_id).log) as f:
             assert "rtrain: cannot build the job's work dir: blob" in f.read()
-        assert not os.path.exists(home.work(job_id))
+        assert not os.path.exists(home.job(job_id).work)
 
 
 def test_at_most_max_builders_at_once_in_queue_order(tmp_path):
     home = _home(tmp_path)
     jobs = [_queue(home, 100)[1] for _ in range(workdirs.MAX_BUILDERS + 2)]
     con = db.connect(home.db)
-    d = scheduler.Daemon(home, ["agent"])
-    d.start = lambda row, uuids, fds: con.execute("UPDATE jobs SET state='running' WHERE id=?",
+    d = daemon.Daemon(home, ["agent"])
+    d.start = lambda row, uuids, fds, lock_dir=None: con.execute("UPDATE jobs SET state='running' WHERE id=?",
                                                   (row["id"],))
     d.schedule()
     assert sorted(d.builders) == jobs[:workdirs.MAX_BUILDERS]

@@ -1,0 +1,19 @@
+"""The agent's verbs, one module each (docs/contracts.md): VERBS maps a verb's name to its
+function, which takes a Context (context.py) and returns the reply's result."""
+import sys
+
+from . import files, gpus, hello, logs, status, submit
+
+
+def daemon(ctx):
+    """Run this user's scheduler daemon (daemon.py) until it is idle; started by poke()."""
+    from .. import daemon as daemon_mod
+    code = daemon_mod.Daemon(ctx.home, ctx.agent_argv).serve()
+    sys.exit(code or 0)
+
+
+VERBS = {
+    "hello": hello.hello, "gpus": gpus.gpus_verb, "submit": submit.submit, "status": status.status,
+    "cancel": status.cancel, "logs": logs.logs, "outputs": files.outputs, "read": files.read,
+    "daemon": daemon,
+}

@@ -1,0 +1,44 @@
+"""`hello`: what `rtrain hosts` checks: the agent, Python, RTRAIN_HOME, the disk, the daemon."""
+import os
+import platform
+import shutil
+import sys
+
+from .. import daemon, gpus
+from ..protocol import PROTOCOL, VERSION
+
+
+def hello(ctx):
+    home = ctx.home_root
+    writable = True
+    problem = ""
+    try:
+        ctx.home.ensure()
+        probe = os.path.join(home, "tmp", ".probe%d" % os.getpid())
+        with open(probe, "w") as f:
+            f.write("x")
+        os.unlink(probe)
+    except OSError as e:
+        writable, problem = False, "%s" % e.strerror
+    try:
+        st = os.statvfs(home)
+        disk_free = st.f_bavail * st.f_frsize
+    except OSError:
+        disk_free = None
+    return {
+        "agent_version": VERSION, "protocol": PROTOCOL,
+        "python": platform.python_version(), "executable": sys.executable,
+        "platform": platform.platform(), "hostname": platform.node(),
+        "user": user_name(), "home": home, "home_writable": writable, "home_problem": problem,
+        "disk_free": disk_free,
+        "nvidia_smi": shutil.which(gpus.base_argv(ctx.settings.nvidia_smi)[0]),
+        "daemon_running": writable and daemon.running(ctx.home),
+    }
+
+
+def user_name():
+    try:
+        import pwd
+        return pwd.getpwuid(os.getuid()).pw_name
+    except (ImportError, KeyError):
+        return os.environ.get("USER", "?")

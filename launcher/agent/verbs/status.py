@@ -1,0 +1,76 @@
+"""`status` (list or look up jobs) and `cancel`."""
+import os
+import signal
+import time
+
+from .. import daemon, db, fsutil, jobstate, runner
+
+
+def status(ctx):
+    """Jobs newest first. Filters: ids, states, since (finished before it are hidden, counted),
+    limit (at most this many finished jobs; active ones always come)."""
+    req = ctx.req
+    con = ctx.con
+    jobstate.finalize_exited(con, ctx.home)
+    ids = req.get("ids")
+    hidden = 0
+    if ids:
+        jobs = [ctx.public(ctx.job_row(i)) for i in ids]
+    else:
+        where, args = [], []
+        if req.get("states"):
+            where.append("state IN (%s)" % ",".join("?" * len(req["states"])))
+            args += list(req["states"])
+        base = " AND ".join(where) if where else "1"
+        finished = "state NOT IN ('queued','running')"
+        shown = "(%s)" % base
+        if req.get("since") is not None:
+            shown += " AND (NOT %s OR COALESCE(ended_at, submitted_at) >= %r)" % (finished, float(req["since"]))
+        sql = "SELECT * FROM jobs WHERE %s AND NOT %s ORDER BY id DESC" % (shown, finished)
+        rows = con.execute(sql, args).fetchall()
+        fin_sql = "SELECT * FROM jobs WHERE %s AND %s ORDER BY id DESC" % (shown, finished)
+        if req.get("limit"):
+            fin_sql += " LIMIT %d" % int(req["limit"])
+        rows += con.execute(fin_sql, args).fetchall()
+        rows.sort(key=lambda r: -r["id"])
+        total = con.execute("SELECT COUNT(*) FROM jobs WHERE %s" % base, args).fetchone()[0]
+        hidden = total - len(rows)
+        jobs = [db.to_public(r) for r in rows]
+    if any(j["state"] in ("queued", "running") for j in jobs) and not daemon.running(ctx.home):
+        ctx.poke()  # the daemon died (or the host rebooted): start it, it reconciles
+    return {"jobs": jobs, "hidden": hidden, "now": time.time()}
+
+
+def cancel(ctx):
+    row = ctx.job_row(ctx.req.get("id"))
+    job_id = row["id"]
+    con = ctx.con
+    if row["state"] == "queued":
+        with db.Tx(con):
+            con.execute("UPDATE jobs SET state='cancelled', ended_at=? WHERE id=? AND state='queued'",
+                        (time.time(), job_id))
+        row = db.get(con, job_id)
+        if row["state"] == "cancelled":
+            return {"job": ctx.public(row), "was": "queued"}
+    if row["state"] != "running":
+        return {"job": ctx.public(row), "was": row["state"]}
+    open(ctx.home.job(job_id).cancel, "w").close()
+    pids = runner.read_pids(ctx.home, job_id)
+    if row["wrapper_pid"] and fsutil.alive(row["wrapper_pid"], row["wrapper_start"]):
+        _signal(row["wrapper_pid"], signal.SIGTERM, group=False)
+    elif pids.get("pgid") and fsutil.alive(pids["pgid"], pids.get("pgid_start")):
+        _signal(pids["pgid"], signal.SIGTERM, group=True)
+    deadline = time.time() + float(ctx.req.get("wait", 3.0))
+    while time.time() < deadline:
+        if runner.read_exit(ctx.home, job_id) is not None:
+            break
+        time.sleep(0.02)
+    jobstate.finalize_exited(con, ctx.home)
+    return {"job": ctx.public(db.get(con, job_id)), "was": "running"}
+
+
+def _signal(pid, sig, group):
+    try:
+        (os.killpg if group else os.kill)(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass

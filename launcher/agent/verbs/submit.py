@@ -1,0 +1,239 @@
+"""`submit`: queue a job on its snapshot, atomically (docs/contracts.md "One-call submit").
+
+Its steps, in order: answer a token already seen (lookup), check the request, take the blobs
+the store lacks (the client sends them on the same stdin), check the room the job's copies will
+need, write the job's folder in tmp/, and commit: insert the job and rename its folder into
+jobs/N in one transaction, unless the client went away meanwhile (nobody would hear of the job:
+queue nothing, docs/design.md "Atomic submit")."""
+import json
+import os
+import shutil
+import uuid as uuidlib
+
+from .. import db, fsutil, gpus, inventory, paths, store
+from ..manifest import ManifestError, check_entries
+from ..protocol import AgentError
+
+
+def submit(ctx):
+    """A request's token names it: the same token again answers with the job already queued
+    for it ("duplicate"), and with "lookup" nothing else is done (a client asking after a reply
+    it lost: "did you queue this?")."""
+    req = ctx.req
+    token = req.get("token")
+    known = _by_token(ctx, token)
+    if known is not None:
+        return known
+    if req.get("lookup"):
+        raise AgentError("not_queued", "no job was queued for this submit")
+    spec = _check_request(ctx)
+    entries, size = _receive_snapshot(ctx)
+    home = ctx.home
+    _check_room(home, size, len(entries))
+    _sweep_tmp(home)
+    tmp = _job_folder(home, entries, req.get("env") or {})
+    spec["files"] = len(entries)
+    spec["bytes"] = sum(int(e.get("size") or 0) for e in entries)
+    job_id = _commit(ctx, spec, token, tmp)
+    try:
+        ctx.poke()
+    except OSError:
+        pass  # the job is queued; the next call that finds no daemon starts one
+    return {"job": ctx.public(db.get(ctx.con, job_id)), "duplicate": False}
+
+
+def _by_token(ctx, token):
+    if not token:
+        return None
+    row = ctx.con.execute("SELECT id FROM tokens WHERE token=?", (token,)).fetchone()
+    if row is None:
+        return None
+    return {"job": ctx.public(db.get(ctx.con, row["id"])), "duplicate": True}
+
+
+def _check_request(ctx):
+    """The job's row as db.insert_job takes it, from a request that makes sense."""
+    req = ctx.req
+    command = req.get("command")
+    if not isinstance(command, str) or not command.strip():
+        raise AgentError("bad_request", "no command to run", "put it after `--`: rtrain submit -- python3 train.py")
+    n = int(req.get("gpus", 0))
+    if n < 0:
+        raise AgentError("bad_request", "--gpus must be 0 or more")
+    settings = ctx.settings
+    if n > 0:
+        _check_gpu_count(ctx.home, settings, n)
+    env = req.get("env") or {}
+    if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                            for k, v in env.items()):
+        raise AgentError("bad_request", "env must map names to strings")
+    git = (req.get("manifest") or {}).get("git") or {}
+    return {
+        "name": req.get("name") or _default_name(command), "command": command, "gpus": n,
+        "priority": int(req.get("priority", 0)), "retries": int(req.get("retries", 0)),
+        "grace": float(req.get("grace", 10)),
+        "git_commit": git.get("commit"), "git_dirty": git.get("dirty") if git else None,
+        "settings": settings.to_dict(),
+    }
+
+
+def _receive_snapshot(ctx):
+    """(entries, total size) of a manifest whose every blob is in the store. With "upload" the
+    client stays on the line: if blobs are missing, one frame {"missing": [...]} asks for them
+    and the client answers with the blob stream on the same stdin. It keeps stdin open until
+    the reply, so a client that went away (connection cut) shows as EOF there."""
+    req = ctx.req
+    entries = (req.get("manifest") or {}).get("entries") or []
+    st = store.Store(ctx.home.store)
+    upload = bool(req.get("upload"))
+    try:
+        size = check_entries(entries)
+        lacking = st.missing(sorted({e["hash"] for e in entries if e.get("type", "file") == "file"}))
+    except (ManifestError, store.StoreError) as e:
+        raise AgentError("bad_manifest", str(e))
+    if lacking and upload:
+        ctx.emit({"missing": lacking})
+        try:
+            st.receive(ctx.stdin)
+        except store.StoreError as e:
+            raise AgentError("bad_stream", str(e), "run the command again: blobs received so far are kept")
+        lacking = st.missing(lacking)
+    if lacking:
+        raise AgentError("missing_blobs", "%d file(s) of the snapshot are not on the host" % len(lacking),
+                         "", data=lacking)
+    return entries, size
+
+
+def _job_folder(home, entries, env):
+    """The job's folder, complete, in tmp/: its manifest, an empty log, its env (values may be
+    secrets: a 0600 file, never the job database). The daemon builds its work dir (the
+    snapshot's private copies) before it starts it (workdirs.py)."""
+    tmp = os.path.join(home.tmp, "job-%s-%d-%s" % (_node(), os.getpid(), uuidlib.uuid4().hex[:12]))
+    try:
+        os.mkdir(tmp, 0o700)
+        job = paths.JobPaths(tmp)
+        _write_manifest(job.manifest, entries)
+        open(job.log, "ab").close()
+        os.chmod(job.log, 0o600)
+        fd = os.open(job.env, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(env, f)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return tmp
+
+
+def _commit(ctx, spec, token, tmp):
+    con = ctx.con
+    try:
+        if ctx.req.get("upload") and _client_gone(ctx.stdin):
+            raise AgentError("client_gone", "the client went away before the job was queued",
+                             "submit again")
+        with db.Tx(con):
+            job_id = db.insert_job(con, spec)
+            if token:
+                con.execute("INSERT INTO tokens VALUES (?, ?)", (token, job_id))
+            dest = ctx.home.job(job_id).dir
+            if os.path.exists(dest):  # left by a submit cut between rename and commit
+                shutil.rmtree(dest)
+            os.rename(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return job_id
+
+
+def _check_room(home, size, files):
+    """Refuse a snapshot whose work dir would not fit: better now than when it is built."""
+    try:
+        st = os.statvfs(home.root)
+    except OSError:
+        return
+    free = st.f_bavail * st.f_frsize
+    need = size + 4096 * files + (64 << 10)  # the copies, a block each at most, manifest and log
+    if free < need:
+        raise AgentError("disk_full", "no space left on the device holding %s: the job's snapshot "
+                         "needs %.1f MB, %.1f MB are free" % (home.root, need / 1e6, free / 1e6),
+                         "free some space there (old jobs live in %s/jobs), or set `home:` for this "
+                         "host in hosts.yaml to a larger disk" % home.root)
+
+
+def _write_manifest(path, entries):
+    # the C encoder in one go (json.dump to a file streams through the pure-Python one)
+    data = json.dumps({"entries": entries}, separators=(",", ":"))
+    with open(path, "w") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _client_gone(stdin):
+    """True when the client's end of our stdin is closed (it sends nothing more after its
+    request and blobs, and closes only once it has the reply)."""
+    try:
+        import select
+        fd = stdin.fileno()
+        ready, _, _ = select.select([fd], [], [], 0)
+        return bool(ready) and os.read(fd, 1) == b""
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _node():
+    try:
+        return "".join(c for c in os.uname().nodename if c.isalnum() or c in "-.")[:40] or "host"
+    except (AttributeError, OSError):
+        return "host"
+
+
+def _sweep_tmp(home):
+    """Remove job dirs left in tmp/ by submits on this machine whose agent died mid-way (they
+    never become jobs: only the rename under a committed job id does that)."""
+    try:
+        names = os.listdir(home.tmp)
+    except OSError:
+        return
+    prefix = "job-%s-" % _node()
+    for name in names:
+        if not name.startswith(prefix):
+            continue
+        try:
+            pid = int(name[len(prefix):].split("-", 1)[0])
+        except ValueError:
+            continue
+        if pid != os.getpid() and not fsutil.alive(pid):
+            shutil.rmtree(os.path.join(home.tmp, name), ignore_errors=True)
+
+
+def _default_name(command):
+    words = command.split()
+    for w in words:
+        base = os.path.basename(w)
+        if base.endswith((".py", ".sh")):
+            return base
+    return os.path.basename(words[0]) if words else "job"
+
+
+def _check_gpu_count(home, settings, n):
+    """Refuse more GPUs than the host has (the count the daemon last saw, if recent)."""
+    k = settings.gpu_count_key()
+    count = None if k["resolved"] is None else inventory.cached_count(home, k)
+    if count is None:
+        try:
+            count = len(gpus.read(settings))
+        except gpus.NvidiaSmiError as e:
+            if e.kind == "not_found":
+                raise AgentError("too_many_gpus", "asked for %d GPU(s), but nvidia-smi was not found on "
+                                 "this host, so it has no GPUs to give" % n,
+                                 "use --gpus 0 for a CPU job, or install the NVIDIA driver")
+            raise AgentError("nvidia_smi", "cannot read the GPUs: %s" % e.message,
+                             "fix the driver on the host (`rtrain hosts` checks it); --gpus 0 still runs")
+        inventory.save(home, k, count)
+    if n > count:
+        if settings.visible is None:
+            raise AgentError("too_many_gpus", "asked for %d GPUs, but this host has %d" % (n, count),
+                             "ask for at most %d (`rtrain gpus` lists them)" % count)
+        raise AgentError("too_many_gpus", "asked for %d GPUs, but rtrain may use %d on this host "
+                         "(`gpus:` in hosts.yaml)" % (n, count),
+                         "ask for at most %d, or list more GPUs under `gpus:`" % count)

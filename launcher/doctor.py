@@ -1,0 +1,73 @@
+"""`rtrain hosts`: check each host, step by step (ssh, python, agent, nvidia-smi, leases,
+disk), and say what to fix."""
+import time
+
+from . import connections
+from . import hosts as hostsmod
+from .errors import HostError, RtrainError
+
+
+def doctor(session, host=None):
+    """[(host, [check])] where a check is {"name", "ok": True/False/None, "detail", "fix"}."""
+    names = session.hosts(host)
+
+    def check(name):
+        h = session.cfg.get(name)
+        c = session.client(name)
+        out = []
+        before = connections.state(c.transport)  # was a shared connection up before this call?
+        t0 = time.monotonic()
+        try:
+            hello = c.call("hello", {"settings": c.settings()})
+        except HostError as e:
+            kind = "ssh" if h.kind == "ssh" else "agent"
+            if e.check and h.kind == "ssh":  # ssh itself worked: say which part failed
+                out.append({"name": "ssh", "ok": True, "detail": "%s reached" % h.ssh, "fix": ""})
+            out.append({"name": e.check or kind, "ok": False, "detail": e.detail, "fix": e.hint})
+            return out
+        if h.kind == "ssh":
+            out.append({"name": "ssh", "ok": True, "detail": "%s reached in %.0f ms" % (
+                h.ssh, (time.monotonic() - t0) * 1000), "fix": ""})
+            out.append(connections.check(c.transport, before))
+        py = tuple(int(x) for x in hello["python"].split(".")[:2])
+        out.append({"name": "python", "ok": py >= (3, 8), "detail": "%s (%s)" % (
+            hello["python"], hello["executable"]),
+            "fix": "" if py >= (3, 8) else "rtrain needs Python >= 3.8; set `python:` in hosts.yaml"})
+        out.append({"name": "agent", "ok": True, "detail": "version %s, protocol %s, daemon %s" % (
+            hello["agent_version"], hello["protocol"],
+            "running" if hello.get("daemon_running") else "idle (starts on demand)"), "fix": ""})
+        try:
+            g = c.call("gpus", {"settings": c.settings()})
+            if g.get("error"):
+                out.append({"name": "nvidia-smi", "ok": False, "detail": g["error"]["message"],
+                            "fix": "fix the NVIDIA driver there; CPU jobs (--gpus 0) still run"})
+            elif not g.get("nvidia_smi_found", True):
+                out.append({"name": "nvidia-smi", "ok": None, "detail": "not found: no GPUs",
+                            "fix": "install the NVIDIA driver for GPU jobs; CPU jobs run"})
+            else:
+                free = sum(1 for u in g["gpus"] if u["state"] == "free")
+                out.append({"name": "nvidia-smi", "ok": True, "detail": "%d GPU(s), %d free" % (
+                    len(g["gpus"]), free), "fix": ""})
+                if g.get("lock_dir_problem"):
+                    out.append({"name": "leases", "ok": False, "detail": g["lock_dir_problem"],
+                                "fix": "GPU jobs wait until it is fixed; CPU jobs run"})
+                elif g.get("lock_dir"):
+                    out.append({"name": "leases", "ok": True, "detail": "GPU leases in %s" % (
+                        g["lock_dir"]), "fix": ""})
+        except RtrainError as e:
+            out.append({"name": "nvidia-smi", "ok": False, "detail": e.message, "fix": e.hint})
+        free = hello.get("disk_free")
+        writable = bool(hello.get("home_writable"))
+        # not writable: nothing works; under 1 GiB free: works until a snapshot or log fills it
+        low = writable and free is not None and free < 1 << 30
+        out.append({"name": "disk", "ok": None if low else writable, "detail": "%s: %s%s" % (
+            hello["home"], "not writable (%s)" % hello.get("home_problem") if not writable
+            else "writable", "" if free is None else ", %.1f GB free" % (free / 1e9)),
+            "fix": "make it writable by you, or set `home:` in hosts.yaml" if not writable else
+            "free some space or set `home:` in hosts.yaml to a larger disk" if low else ""})
+        return out
+
+    return [(name, res if err is None else [{"name": "ssh" if session.cfg.get(name).kind == "ssh"
+                                             else "agent", "ok": False, "detail": err.message,
+                                             "fix": err.hint}])
+            for name, res, err in hostsmod.parallel(check, names)]

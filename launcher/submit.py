@@ -1,0 +1,179 @@
+"""`rtrain submit`: snapshot the tree, send what the host lacks, queue the job, in one agent
+call (docs/contracts.md "One-call submit"); and, with several hosts and none named, placing the
+job where it starts soonest."""
+import os
+import shlex
+import time
+import uuid
+
+from . import hosts as hostsmod
+from .errors import AgentReplyError, HostError, RtrainError
+
+
+def command_string(argv):
+    """The job's one shell string: a single argument is taken as written (it may use pipes,
+    &&, globs); several are quoted so each stays one argument."""
+    if not argv:
+        raise RtrainError("no command to run", "put it after `--`: rtrain submit -- python3 train.py")
+    if len(argv) == 1:
+        return argv[0]
+    return " ".join(shlex.quote(a) for a in argv)
+
+
+SUBMIT_RETRIES = 2       # after a reply lost to a dropped connection, ask the host again this often
+SUBMIT_RETRY_DELAY_S = 1.0  # then 2 s
+
+
+def submit(session, argv, host=None, gpus=0, name=None, priority=0, retries=0, env=None,
+           root=".", confirm_large=None, progress=None, events=None, sleep=time.sleep):
+    """Sync `root`, queue the command, return the job (decorated with host and id).
+    confirm_large(manifest_info) -> bool is asked when the tree is larger than the host allows.
+    progress(sent, total) reports upload bytes. events(kind, detail) reports steps, among them
+    ("retry", {"attempt", "of", "error", "delay"}) when the connection dropped after the whole
+    request was sent and the host is asked again (see _recover)."""
+    from . import sync
+    command = command_string(argv)
+    events = events or (lambda *a: None)
+    if host is None:
+        host = hostsmod.default_host(session.cfg)
+        if host is None:
+            host = place(session, gpus, events)
+    h = session.cfg.get(host)
+    root = os.path.abspath(root)
+    client = session.client(host)
+    client.prestart("submit")  # connect and start the agent while the tree is listed and hashed
+    manifest = sync.build_manifest(root)
+    for w in manifest.get("warnings", []):
+        events("warning", w)
+    limit = int(getattr(h, "max_tree_mb", 100)) * 1024 * 1024
+    if manifest["total_size"] > limit:
+        info = {"total_size": manifest["total_size"], "limit": limit,
+                "largest": sync.largest_files(manifest, 10), "files": len(manifest["entries"])}
+        if confirm_large is None or not confirm_large(info):
+            raise RtrainError("the tree to sync is %.0f MB, over the %d MB limit for %s" % (
+                manifest["total_size"] / 1e6, limit // (1024 * 1024), host),
+                "add large files to .gitignore or .rtrainignore, or pass --yes to send it anyway")
+    # One agent call does it all (docs/contracts.md, verb submit with "upload"): the agent
+    # answers with the hashes it lacks, we send those blobs on the same channel, and it queues
+    # the job only once its snapshot is complete and we are still there to hear of it.
+    req = {"manifest": {"entries": manifest["entries"], "git": manifest.get("git")},
+           "command": command, "gpus": int(gpus), "name": name, "priority": int(priority),
+           "retries": int(retries), "env": dict(dict(getattr(h, "env", ()) or ()), **dict(env or {})),
+           "token": uuid.uuid4().hex, "upload": True,
+           "settings": client.settings()}
+
+    def respond(frame):
+        if "missing" not in frame:
+            return ()
+        return _upload(root, manifest, frame["missing"] or [], progress, events)
+
+    try:
+        res = client.exchange("submit", req, respond)
+    except HostError as e:
+        if e.permanent or not e.request_sent:
+            # before the agent had the whole request (the request line, every blob asked for)
+            # it cannot have queued the job: the error, with its "run the command again", stands
+            raise
+        res = _recover(session, host, req, e, events, sleep)
+    job = session.decorate(host, res["job"])
+    job["uploaded"] = manifest.get("_uploaded", 0)
+    return job
+
+
+def _recover(session, host, req, err, events, sleep):
+    """The connection dropped after the agent had the whole submit: it may have queued the job
+    and its reply been lost, or not. Reconnect (with backoff, up to SUBMIT_RETRIES times) and
+    ask the host with the SAME token: the agent answers with the job it queued for it
+    ("duplicate"). What is never done is queue it anew: a job that was not queued stays so (the
+    agent queues nothing for a client that went away), and the user is told to check."""
+    lookup = {"token": req["token"], "lookup": True}
+    last = err
+    for attempt in range(1, SUBMIT_RETRIES + 1):
+        delay = SUBMIT_RETRY_DELAY_S * (2 ** (attempt - 1))
+        events("retry", {"attempt": attempt, "of": SUBMIT_RETRIES, "error": last, "delay": delay})
+        session.reset(host)
+        sleep(delay)
+        try:
+            res = session.client(host).call("submit", lookup)
+        except AgentReplyError as e:
+            if e.code != "not_queued":
+                raise
+            raise HostError(host, "the connection dropped before the host answered (%s); the host "
+                            "holds no job from this submit, so it was most likely not queued" % err.detail,
+                            "check with `rtrain status`, and submit again if the job is not there")
+        except HostError as e:
+            if e.permanent:
+                raise
+            last = e
+            continue
+        if res.get("duplicate"):
+            return res
+        raise HostError(host, "the host queued a second job (%s) when asked about the first" % (
+            res["job"]["id"]), "check with `rtrain status` and cancel the one you do not want")
+    raise HostError(host, "connection lost after the job was sent (%s); the job may or may not "
+                    "be queued" % last.detail, "check with `rtrain status` (not by submitting "
+                    "again, which could queue it twice) once the host can be reached")
+
+
+def _upload(root, manifest, hashes, progress, events):
+    """The blob stream (bytes chunks) for `hashes`, reporting progress as it goes."""
+    from . import sync
+    sizes = {}
+    for e in manifest["entries"]:
+        if e.get("type") == "file":
+            sizes[e["hash"]] = e["size"]
+    total = sum(sizes.get(x, 0) for x in set(hashes))
+    events("upload", {"files": len(hashes), "bytes": total})
+    sent = 0
+    buf, held = [], 0
+    for chunk in sync.iter_blob_frames(root, manifest, hashes):
+        buf.append(chunk)
+        held += len(chunk)
+        if held >= _SEND_BATCH:  # many small files: one write (and SSH packets) per batch
+            data = b"".join(buf)
+            buf, held = [], 0
+            yield data
+            sent += len(data)
+            if progress:
+                progress(sent, total)
+    if buf:
+        data = b"".join(buf)
+        yield data
+        sent += len(data)
+        if progress:
+            progress(sent, total)
+    manifest["_uploaded"] = manifest.get("_uploaded", 0) + total
+
+
+_SEND_BATCH = 256 * 1024
+
+
+def place(session, gpus, events):
+    """Ask every host in parallel; pick where the job can start soonest."""
+    names = [n for n in session.cfg.hosts if n != "local"] or ["local"]
+
+    def probe(name):
+        c = session.client(name)
+        g = c.call("gpus", {"settings": c.settings()})
+        st = c.call("status", {"states": ["queued", "running"]})
+        return g, st
+
+    best = None
+    for name, res, err in hostsmod.parallel(probe, names):
+        if err is not None:
+            events("skip", "skipping %s" % err.message)
+            continue
+        g, st = res
+        units = g["gpus"]
+        if len(units) < gpus:
+            events("skip", "%s has %d GPU(s), the job needs %d" % (name, len(units), gpus))
+            continue
+        free = sum(1 for u in units if u["state"] == "free")
+        queued = sum(1 for j in st["jobs"] if j["state"] == "queued")
+        score = (0 if free >= gpus and queued == 0 else 1, queued, -free)
+        if best is None or score < best[0]:
+            best = (score, name)
+    if best is None:
+        raise RtrainError("no host can take this job", "check them with `rtrain hosts`")
+    events("placed", best[1])
+    return best[1]
