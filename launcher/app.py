@@ -34,7 +34,21 @@ def status(session, host=None, states=None, show_all=False, limit=None):
 
 
 def job(session, ref):
-    return session.find(ref)[2]
+    """One job, with its GPU-hours and, where the host has price_per_gpu_hour, its cost."""
+    job = session.find(ref)[2]
+    job["gpu_hours"] = gpu_hours(job)
+    price = session.cfg.get(job["host"]).price_per_gpu_hour
+    job["cost"] = None if price is None else round(job["gpu_hours"] * price, 2)
+    return job
+
+
+def gpu_hours(job, now=None):
+    """GPUs held times the hours they were held (until now for a running job)."""
+    start = job.get("started_at")
+    if not start:
+        return 0.0
+    end = job.get("ended_at") or (now or time.time())
+    return len(job.get("gpus") or ()) * max(0.0, end - start) / 3600.0
 
 
 def cancel(session, ref):
@@ -61,14 +75,16 @@ def gpus(session, host=None):
     return hostsmod.parallel(ask, names)
 
 
-def pull(session, ref, paths=(), dest=None, progress=None):
-    """Copy files a job wrote to dest (default ./rtrain-out/JOB/). Returns [(path, size)].
-    progress(path, done, total) is called as bytes arrive."""
+def pull(session, ref, paths=(), dest=None, progress=None, pycache=False):
+    """Copy files a job wrote to dest (default ./rtrain-out/JOB/, which sync never sends:
+    selection.PULL_DIR). Returns [(path, size)]. progress(path, done, total) is called as
+    bytes arrive. __pycache__ folders come only with pycache=True."""
     import base64
     host, n, job = session.find(ref)
     client = session.client(host)
-    listing = client.call("outputs", {"id": n, "paths": list(paths)})
-    dest = os.path.abspath(dest or os.path.join("rtrain-out", job["id"].replace(":", "-")))
+    listing = client.call("outputs", {"id": n, "paths": list(paths), "pycache": bool(pycache)})
+    from .selection import PULL_DIR
+    dest = os.path.abspath(dest or os.path.join(PULL_DIR, job["id"].replace(":", "-")))
     got = []
     for f in listing["files"]:
         target = os.path.join(dest, f["path"])
@@ -89,3 +105,17 @@ def pull(session, ref, paths=(), dest=None, progress=None):
         os.replace(tmp, target)
         got.append((f["path"], done))
     return {"job": job, "dest": dest, "files": got}
+
+
+def autostop(session, host, change=None):
+    """The host's autostop (agent/monitor.py summary()); `change` ({"cancel": True} or {"idle",
+    "command"}) changes it until autostop: in hosts.yaml changes."""
+    h = session.cfg.get(host)
+    if change and change.get("idle") is not None:
+        from .agent.autostop import AutostopError, seconds
+        try:
+            change["idle"] = seconds(change["idle"], "--idle")
+        except AutostopError as e:
+            raise RtrainError(str(e), "e.g. rtrain autostop %s --idle 30m" % host)
+    c = session.client(host)
+    return c.call("autostop", {"settings": c.settings(), "autostop": h.autostop, "change": change})

@@ -39,7 +39,8 @@ def build_parser():
                                    "what the host lacks, and queue CMD there.")
     s.add_argument("--host", help="host from hosts.yaml (default: the default host, else the one "
                                   "where the job starts soonest)")
-    s.add_argument("--gpus", type=int, default=0, metavar="N", help="GPUs the job needs (default 0)")
+    s.add_argument("--gpus", type=int, default=None, metavar="N",
+                   help="GPUs the job needs (default: rtrain.yaml's gpus, else 0)")
     s.add_argument("--name", help="a name for the job (default: the script's name)")
     s.add_argument("--priority", type=int, default=0, help="higher runs first (default 0)")
     s.add_argument("--retries", type=int, default=0, metavar="N",
@@ -48,10 +49,13 @@ def build_parser():
     s.add_argument("-C", "--dir", default=".", help="directory to sync (default: .)")
     s.add_argument("-f", "--follow", action="store_true",
                    help="stream the log, exit with the job's exit code")
+    s.add_argument("--notify", action="store_true",
+                   help="with --follow: a desktop notification when the job ends")
     s.add_argument("-q", "--quiet", action="store_true", help="print the job id alone")
     s.add_argument("-y", "--yes", action="store_true", help="send a large tree without asking")
     s.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]",
-                   help="the command; a single argument is run by the shell as written")
+                   help="the command; a single argument is run by the shell as written "
+                        "(default: rtrain.yaml's run)")
 
     st = verb("status", help="list jobs, or show one job")
     st.add_argument("job", nargs="?", help="a job id (12 or host:12)")
@@ -69,6 +73,8 @@ def build_parser():
     lg.add_argument("-f", "--follow", action="store_true",
                     help="stream until the job ends; exit with its exit code; Ctrl-C detaches")
     lg.add_argument("-n", "--tail", type=int, metavar="N", help="start N lines from the end")
+    lg.add_argument("--notify", action="store_true",
+                    help="with -f: a desktop notification when the job ends")
 
     c = verb("cancel", help="cancel a queued or running job")
     c.add_argument("jobs", nargs="+", metavar="JOB")
@@ -77,12 +83,38 @@ def build_parser():
     pl.add_argument("job")
     pl.add_argument("paths", nargs="*", metavar="PATH",
                     help="files or folders in the job's work dir (default: all it wrote)")
-    pl.add_argument("-o", "--output", metavar="DIR", help="where to put them (default ./rtrain-out/JOB)")
+    pl.add_argument("-o", "--output", metavar="DIR",
+                    help="where to put them (default ./rtrain-out/JOB, which submit never sends)")
+    pl.add_argument("--pycache", action="store_true", help="bring __pycache__ folders too")
+
+    i = verb("init", help="write a commented rtrain.yaml (the project file) here")
+    i.add_argument("-C", "--dir", default=".", help="the project's root (default: .)")
+    i.add_argument("--force", action="store_true", help="replace an existing rtrain.yaml")
+
+    pr = verb("prune", help="free space on the hosts: old jobs' work dirs, unused environments "
+                            "and data, unreferenced files")
+    pr.add_argument("--host", help="only this host")
+    pr.add_argument("--older-than", metavar="AGE",
+                    help="remove the work dirs of jobs that ended longer ago than this: 14d, 12h, "
+                         "30m (default: the host's prune_older_than, else 14d)")
+    pr.add_argument("--keep", type=int, metavar="N",
+                    help="always keep the N newest ended jobs' work dirs (default: the host's "
+                         "prune_keep, else 10)")
+    pr.add_argument("-n", "--dry-run", action="store_true", help="say what would go, remove nothing")
 
     h = verb("hosts", help="check each host: transport, ssh, python, agent, nvidia-smi, disk")
     h.add_argument("host", nargs="?")
     h.add_argument("--disconnect", action="store_true",
                    help="close the shared SSH connections (of HOST, or all) instead")
+
+    a = verb("autostop", help="see or change when an idle host stops itself (a cloud VM)",
+             description="What the host's autostop will do and when; or change it until autostop: in "
+                         "hosts.yaml changes. Idle means no rtrain job queued or running, no busy GPU, "
+                         "no terminal in use (README: Cloud VMs).")
+    a.add_argument("host", help="host from hosts.yaml")
+    a.add_argument("--idle", metavar="DURATION", help="stop after this long idle (45s, 30m, 2h)")
+    a.add_argument("--command", help="the command that stops the host (default: hosts.yaml's)")
+    a.add_argument("--cancel", action="store_true", help="turn autostop off on this host")
 
     g = verb("gpus", help="GPUs of every host: free, busy or unknown, and who holds them")
     g.add_argument("--host")

@@ -20,27 +20,34 @@ def _parse_env(pairs):
 
 
 def cmd_submit(args, session_factory):
-    from . import render, submit
+    from . import project, render, submit
+    proj = project.load(args.dir)  # rtrain.yaml: the defaults; the command line wins
     cmd = list(args.command)
     if cmd and cmd[0] == "--":
         cmd = cmd[1:]
+    if not cmd and proj.run:
+        cmd = list(proj.run)
     if not cmd:
-        raise RtrainError("no command to run", "put it after `--`: rtrain submit -- python3 train.py")
+        raise RtrainError("no command to run", "put it after `--`: rtrain submit -- python3 train.py "
+                          "(or set `run:` in rtrain.yaml)")
+    gpus = args.gpus if args.gpus is not None else (proj.gpus or 0)
     err = render.Stderr(quiet=args.quiet)
     with session_factory(args) as s:
         job = submit.submit(
-            s, cmd, host=args.host, gpus=args.gpus, name=args.name, priority=args.priority,
+            s, cmd, host=args.host or proj.host, gpus=gpus, name=args.name, priority=args.priority,
             retries=args.retries, env=_parse_env(args.env), root=args.dir,
             confirm_large=lambda info: args.yes or render.confirm_large(info),
-            progress=err.progress, events=err.event)
+            progress=err.progress, events=err.event, project=proj)
         err.done()
+        if job.get("uploaded_files"):
+            err.event("sent", {"files": job["uploaded_files"], "bytes": job["uploaded"]})
         if args.quiet:
             sys.stdout.write(job["id"] + "\n")
         else:
             render.submitted(job)
         sys.stdout.flush()
         if args.follow:
-            return _follow(s, job["id"], None, quiet=args.quiet)
+            return _follow(s, job["id"], None, quiet=args.quiet, desktop=args.notify)
     return 0
 
 
@@ -74,10 +81,10 @@ def cmd_status(args, session_factory):
 
 def cmd_logs(args, session_factory):
     with session_factory(args) as s:
-        return _follow(s, args.job, args.tail, follow=args.follow)
+        return _follow(s, args.job, args.tail, follow=args.follow, desktop=args.notify)
 
 
-def _follow(session, ref, tail, follow=True, quiet=False):
+def _follow(session, ref, tail, follow=True, quiet=False, desktop=False):
     """Print a job's log as it comes, byte for byte. Following, return the job's exit code when
     it ends (1 when it has none: lost, or killed by a signal it reports none for), 130 on Ctrl-C
     (the job goes on)."""
@@ -101,6 +108,9 @@ def _follow(session, ref, tail, follow=True, quiet=False):
                 fin = ev[1]
                 if not follow:
                     return 0
+                if desktop:
+                    from . import desktop as desk
+                    desk.notify(fin)
                 if not quiet and fin["state"] != "succeeded":
                     sys.stderr.write("rtrain: job %s %s%s\n" % (
                         fin["id"], fin["state"],
@@ -166,7 +176,8 @@ def cmd_pull(args, session_factory):
     bar = render.FileProgress()
     with session_factory(args) as s:
         try:
-            res = app.pull(s, args.job, args.paths, dest=args.output, progress=bar.update)
+            res = app.pull(s, args.job, args.paths, dest=args.output, progress=bar.update,
+                           pycache=args.pycache)
         finally:
             bar.done()
     total = sum(n for _, n in res["files"])
@@ -193,5 +204,35 @@ def cmd_hosts(args, session_factory):
     return 0 if all(c["ok"] is not False for _, checks in results for c in checks) else 1
 
 
+def cmd_init(args, session_factory):
+    from . import project
+    path = project.write_starter(args.dir, force=args.force)
+    print("wrote %s: edit it, then `rtrain submit`" % os.path.relpath(path))
+    return 0
+
+
+def cmd_prune(args, session_factory):
+    from . import prune, render
+    with session_factory(args) as s:
+        results = prune.prune(s, host=args.host, older_than=args.older_than, keep=args.keep,
+                              dry_run=args.dry_run)
+    render.pruned(results, args.dry_run)
+    return 0 if all(err is None for _, _, err in results) else 1
+
+
+def cmd_autostop(args, session_factory):
+    from . import app, doctor, render
+    change = None
+    if args.cancel:
+        change = {"cancel": True}
+    elif args.idle or args.command:
+        change = {"idle": args.idle, "command": args.command}
+    with session_factory(args) as s:
+        summary = app.autostop(s, args.host, change)
+    render.doctor([(args.host, [doctor.autostop_check(summary)])])
+    return 0
+
+
 HANDLERS = {"submit": cmd_submit, "status": cmd_status, "logs": cmd_logs, "cancel": cmd_cancel,
-            "pull": cmd_pull, "hosts": cmd_hosts, "gpus": cmd_gpus}
+            "pull": cmd_pull, "hosts": cmd_hosts, "gpus": cmd_gpus, "init": cmd_init,
+            "prune": cmd_prune, "autostop": cmd_autostop}

@@ -21,6 +21,17 @@ HOST_KEYS = {
     "env": "variables set for every job on this host",
     "lock_dir": "shared sticky directory of GPU lease files (default /run/lock, else /tmp)",
     "nvidia_smi": "nvidia-smi command on the host (default nvidia-smi)",
+    "prune_older_than": "`rtrain prune` removes work dirs of jobs ended longer ago (default 14d)",
+    "prune_keep": "`rtrain prune` keeps the work dirs of this many newest ended jobs (default 0)",
+    "autostop": "stop an idle host: {idle: 30m, command: 'sudo shutdown -h now', gpu_util_busy: 5, "
+                "sessions: true, warn: 5m}",
+    "notify": "a webhook told when jobs end or stall: {url: ..., format: json|slack|discord|ntfy, "
+              "on: [failed, succeeded, stalled]}",
+    "stall_after": "mark a running job whose GPUs stay idle this long (e.g. 30m; default: off)",
+    "on_stall": "what to do with a stalled job besides saying so: notify (default) or cancel",
+    "gpu_util_busy": "a GPU at or below this utilization (percent) counts as idle (default 5)",
+    "price_per_gpu_hour": "what one GPU-hour costs on this host (status and usage show costs)",
+    "compare_price": "a GPU-hour's price elsewhere (a cloud's), that usage compares with",
     "transport": "openssh or paramiko (default: openssh where an OpenSSH client is installed)",
     "control_persist": "how long a shared OpenSSH connection stays open after use: seconds or "
                        "10m/1h (default 10m); 0 or no: no sharing",
@@ -45,6 +56,15 @@ class Host:
     env: Tuple[Tuple[str, str], ...] = ()
     lock_dir: Optional[str] = None
     nvidia_smi: Optional[str] = None
+    prune_older_than: Optional[str] = None
+    prune_keep: Optional[int] = None
+    autostop: Optional[dict] = field(default=None, hash=False)   # checked by agent/autostop.py
+    notify: Optional[dict] = field(default=None, hash=False)     # checked by agent/notify.py
+    stall_after: Optional[float] = None
+    on_stall: str = "notify"
+    gpu_util_busy: float = 5
+    price_per_gpu_hour: Optional[float] = None
+    compare_price: Optional[float] = None
     transport: Optional[str] = None  # None: openssh where it can be used (sshcommon.transport_of)
     control_persist: str = "10m"     # "no": no connection sharing
 
@@ -99,7 +119,8 @@ def _loader():
     return getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
-def parse(path):
+def compose(path, hint="fix the YAML at that line (hosts.example.yaml shows the format)"):
+    """A YAML file's root node (line numbers kept), or one ConfigError saying where."""
     import yaml
     try:
         with open(path, encoding="utf-8") as f:
@@ -107,13 +128,17 @@ def parse(path):
     except OSError as e:
         raise ConfigError("cannot read %s: %s" % (path, e.strerror))
     try:
-        root = yaml.compose(text, Loader=_loader())
+        return yaml.compose(text, Loader=_loader())
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = "%s:%d:%d" % (path, mark.line + 1, mark.column + 1) if mark else path
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError("%s: YAML syntax error: %s" % (where, problem),
-                          "fix the YAML at that line (hosts.example.yaml shows the format)")
+        raise ConfigError("%s: YAML syntax error: %s" % (where, problem), hint)
+
+
+def parse(path):
+    import yaml
+    root = compose(path)
     # `local` (this machine) is a host only where the file lists it (`local:` alone will do),
     # so a file that names only towers never asks this machine anything
     hosts = {}
@@ -205,6 +230,18 @@ def _host(path, name, line, node):
             if isinstance(v, bool) or not isinstance(v, typ) or v < 0 or (key == "io_timeout" and v == 0):
                 bad(key, what)
             kw[key] = v
+    if "prune_older_than" in data:
+        from .prune import seconds
+        try:
+            seconds(data["prune_older_than"])
+        except Exception:  # noqa: BLE001 - said as this file's error
+            bad("prune_older_than", "an age such as 14d, 12h or 30m")
+        kw["prune_older_than"] = str(data["prune_older_than"])
+    if "prune_keep" in data:
+        if isinstance(data["prune_keep"], bool) or not isinstance(data["prune_keep"], int) or \
+                data["prune_keep"] < 0:
+            bad("prune_keep", "a whole number, 0 or more")
+        kw["prune_keep"] = data["prune_keep"]
     if "accept_new_host_key" in data:
         if not isinstance(data["accept_new_host_key"], bool):
             bad("accept_new_host_key", "true or false")
@@ -221,7 +258,35 @@ def _host(path, name, line, node):
         if not isinstance(e, dict) or not all(isinstance(k, str) for k in e):
             bad("env", "a mapping of NAME: value")
         kw["env"] = tuple((k, "" if v is None else str(v)) for k, v in e.items())
+    _watch_keys(data, bad, kw)
     return Host(**kw)
+
+
+def _watch_keys(data, bad, kw):
+    """autostop, notify, stall_after, on_stall, gpu_util_busy, prices: checked by the agent's own
+    rules (agent/autostop.py, agent/notify.py), so the laptop refuses what the host would."""
+    from .agent import autostop, notify
+    for key, check in (("autostop", autostop.check), ("notify", notify.check)):
+        if key in data:
+            try:
+                kw[key] = check(data[key])
+            except ValueError as e:
+                bad(key, "valid (%s)" % e)
+    if "stall_after" in data:
+        try:
+            kw["stall_after"] = autostop.seconds(data["stall_after"], "stall_after")
+        except ValueError:
+            bad("stall_after", "a duration like 30m or 2h")
+    if "on_stall" in data:
+        if data["on_stall"] not in ("notify", "cancel"):
+            bad("on_stall", "notify or cancel")
+        kw["on_stall"] = data["on_stall"]
+    for key, top in (("gpu_util_busy", 100), ("price_per_gpu_hour", None), ("compare_price", None)):
+        if key in data:
+            v = data[key]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (top and v > top):
+                bad(key, "a number from 0 to 100" if top else "a number >= 0")
+            kw[key] = v
 
 
 def _persist(v):

@@ -18,7 +18,7 @@ def doctor(session, host=None):
         before = connections.state(c.transport)  # was a shared connection up before this call?
         t0 = time.monotonic()
         try:
-            hello = c.call("hello", {"settings": c.settings()})
+            hello = c.call("hello", {"settings": c.settings(), "autostop": h.autostop})
         except HostError as e:
             kind = "ssh" if h.kind == "ssh" else "agent"
             if e.check and h.kind == "ssh":  # ssh itself worked: say which part failed
@@ -65,9 +65,42 @@ def doctor(session, host=None):
             else "writable", "" if free is None else ", %.1f GB free" % (free / 1e9)),
             "fix": "make it writable by you, or set `home:` in hosts.yaml" if not writable else
             "free some space or set `home:` in hosts.yaml to a larger disk" if low else ""})
+        auto = hello.get("autostop") or {}
+        if auto.get("enabled") or auto.get("source") == "cli":
+            out.append(autostop_check(auto))
         return out
 
     return [(name, res if err is None else [{"name": "ssh" if session.cfg.get(name).kind == "ssh"
                                              else "agent", "ok": False, "detail": err.message,
                                              "fix": err.hint}])
             for name, res, err in hostsmod.parallel(check, names)]
+
+
+def autostop_check(auto):
+    """The `autostop` line of `rtrain hosts` (and what `rtrain autostop HOST` says) from the
+    agent's summary (agent/monitor.py summary())."""
+    if not auto.get("enabled"):
+        return {"name": "autostop", "ok": None, "detail": "off (turned off with `rtrain autostop --cancel`)",
+                "fix": "it comes back when autostop: in hosts.yaml changes, or with rtrain autostop HOST --idle"}
+    rule = "`%s` after %s idle" % (auto["command"], _duration(auto["idle_s"]))
+    if not auto.get("monitor"):
+        return {"name": "autostop", "ok": False, "detail": "%s, but its monitor is not running" % rule,
+                "fix": "run any rtrain command for this host to start it, or the systemd unit "
+                       "(README: Cloud VMs)"}
+    if auto.get("fires_in") is not None:
+        return {"name": "autostop", "ok": True, "detail": "in %s: %s" % (_duration(auto["fires_in"]), rule),
+                "fix": ""}
+    if not auto.get("why_not") and auto.get("fired_ago") is not None:
+        return {"name": "autostop", "ok": True, "detail": "ran its command %s ago; again after a new idle "
+                "window: %s" % (_duration(auto["fired_ago"]), rule), "fix": ""}
+    why = "; ".join(auto.get("why_not") or []) or "its monitor is taking a first look"
+    return {"name": "autostop", "ok": True, "detail": "not idle (%s): %s" % (why, rule), "fix": ""}
+
+
+def _duration(s):
+    s = int(round(s))
+    if s < 120:
+        return "%d s" % s
+    if s < 7200:
+        return "%d min" % round(s / 60.0)
+    return "%dh%02d" % (s // 3600, s % 3600 // 60)

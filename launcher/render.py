@@ -5,7 +5,8 @@ import time
 
 JOB_JSON_KEYS = ("id", "host", "name", "state", "gpus", "exit_code", "signal", "submitted_at",
                  "started_at", "ended_at", "command", "priority", "retries", "attempts",
-                 "git_commit", "git_dirty", "log", "work_dir", "message", "gpus_requested")
+                 "git_commit", "git_dirty", "log", "work_dir", "message", "gpus_requested",
+                 "gpu_hours", "cost")
 
 STATE_STYLE = {"queued": "yellow", "running": "cyan", "succeeded": "green", "failed": "red",
                "cancelled": "magenta", "lost": "red"}
@@ -113,6 +114,8 @@ def job_detail(job):
         ("exit code", "-" if job["exit_code"] is None else "%s%s" % (
             job["exit_code"], " (%s)" % job["signal"] if job.get("signal") else "")),
         ("attempts", "%s of %s" % (job.get("attempts", 0), job.get("retries", 0) + 1)),
+        ("gpu-hours", "%.2f%s" % (job.get("gpu_hours") or 0, "" if job.get("cost") is None else
+                                  ", cost %.2f" % job["cost"])),
         ("log", job.get("log") or "-"), ("work dir", job.get("work_dir") or "-"),
     ]
     w = max(len(k) for k, _ in rows)
@@ -200,6 +203,9 @@ class Stderr:
             sys.stderr.write("rtrain: placing the job on %s\n" % detail)
         elif kind == "upload":
             self.t0 = time.monotonic()
+        elif kind == "sent" and not self.quiet:
+            self.done()
+            sys.stderr.write("rtrain: sent %d file(s), %.1f MB\n" % (detail["files"], detail["bytes"] / 1e6))
         elif kind == "retry":
             self.done()
             err = detail["error"]
@@ -261,3 +267,22 @@ class FileProgress:
     def done(self):
         if self.bar is not None:
             self.bar.stop()
+
+
+def pruned(results, dry_run):
+    """One line per host: what prune removed (or would remove) and the space it frees."""
+    verb = "would free" if dry_run else "freed"
+    for host, res, err in results:
+        if err is not None:
+            error("%s: %s" % (host, err.message), err.hint)
+            continue
+        env_b = sum(b for _, b in res["envs"])
+        data_b = sum(b for _, b in res["data"])
+        blobs = res["blobs"]
+        total = res["work_bytes"] + env_b + data_b + blobs["bytes"]
+        print("%s: %s %.1f MB: work dirs of %d job(s) (%.1f MB), %d environment(s) (%.1f MB), "
+              "%d data tree(s) (%.1f MB), %d stored file(s) no job uses (%.1f MB)%s" % (
+                  host, verb, total / 1e6, len(res["jobs"]), res["work_bytes"] / 1e6,
+                  len(res["envs"]), env_b / 1e6, len(res["data"]), data_b / 1e6, blobs["count"],
+                  blobs["bytes"] / 1e6, "; store skipped: %s" % blobs["skipped"]
+                  if blobs.get("skipped") else ""))

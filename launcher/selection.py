@@ -206,4 +206,33 @@ def select(root, in_git=None, stats=None):
         paths = _select_git(root, warnings, stats)
     else:
         paths = _select_walk(root, warnings)
-    return _rtrainignore_filter(root, sorted(paths)), warnings, stats, in_git
+    paths = _rtrainignore_filter(root, sorted(paths))
+    paths = sorted(set(paths).union(_reincluded(root, in_git)))
+    return [p for p in paths if PULL_DIR not in p.split("/")], warnings, stats, in_git
+
+
+# `rtrain pull` writes here by default: never sent, so pulled files do not travel back
+PULL_DIR = "rtrain-out"
+
+
+def _reincluded(root, in_git):
+    """Ignored files that a `!pattern` of .rtrainignore takes back, as git's own negation does
+    (also below an ignored folder: the user named them)."""
+    try:
+        with open(os.path.join(root, RTRAINIGNORE), "r", encoding="utf-8", errors="surrogateescape") as f:
+            lines = [ln for ln in f.read().splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        return []
+    if not any(ln.lstrip().startswith("!") for ln in lines):
+        return []
+    spec = _spec(lines)
+    if in_git:
+        out = _git(root, "ls-files", "-z", "--others", "--ignored", "--exclude-standard") or b""
+        candidates = [os.fsdecode(x) for x in out.split(b"\0") if x and not x.endswith(b"/")]
+    else:
+        candidates = []
+        for d, dirs, names in os.walk(root):
+            dirs[:] = [x for x in dirs if x != ".git"]
+            base = os.path.relpath(d, root).replace(os.sep, "/")
+            candidates += [n if base == "." else base + "/" + n for n in names]
+    return [p for p in candidates if _check(spec, p) is False]

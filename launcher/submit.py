@@ -25,13 +25,16 @@ SUBMIT_RETRY_DELAY_S = 1.0  # then 2 s
 
 
 def submit(session, argv, host=None, gpus=0, name=None, priority=0, retries=0, env=None,
-           root=".", confirm_large=None, progress=None, events=None, sleep=time.sleep):
+           root=".", confirm_large=None, progress=None, events=None, sleep=time.sleep,
+           project=None):
     """Sync `root`, queue the command, return the job (decorated with host and id).
     confirm_large(manifest_info) -> bool is asked when the tree is larger than the host allows.
     progress(sent, total) reports upload bytes. events(kind, detail) reports steps, among them
     ("retry", {"attempt", "of", "error", "delay"}) when the connection dropped after the whole
-    request was sent and the host is asked again (see _recover)."""
-    from . import sync
+    request was sent and the host is asked again (see _recover). project: the project file
+    (project.py), whose data, environment and outputs go with the job (jobspec.py)."""
+    from . import jobspec, sync
+    from .project import Project
     command = command_string(argv)
     events = events or (lambda *a: None)
     if host is None:
@@ -40,27 +43,39 @@ def submit(session, argv, host=None, gpus=0, name=None, priority=0, retries=0, e
             host = place(session, gpus, events)
     h = session.cfg.get(host)
     root = os.path.abspath(root)
+    proj = (project or Project(root=root)).for_host(host)
     client = session.client(host)
     client.prestart("submit")  # connect and start the agent while the tree is listed and hashed
-    manifest = sync.build_manifest(root)
+    manifest = sync.build_manifest(root, extra=jobspec.data_files(root, proj))
     for w in manifest.get("warnings", []):
         events("warning", w)
+    code, data = jobspec.split(manifest, proj)
+    code_size = sum(e.get("size", 0) for e in code if e.get("type", "file") == "file")
     limit = int(getattr(h, "max_tree_mb", 100)) * 1024 * 1024
-    if manifest["total_size"] > limit:
-        info = {"total_size": manifest["total_size"], "limit": limit,
-                "largest": sync.largest_files(manifest, 10), "files": len(manifest["entries"])}
+    if code_size > limit:  # data is meant to be big: no limit there
+        info = {"total_size": code_size, "limit": limit,
+                "largest": sync.largest_files({"entries": code}, 10), "files": len(code)}
         if confirm_large is None or not confirm_large(info):
             raise RtrainError("the tree to sync is %.0f MB, over the %d MB limit for %s" % (
-                manifest["total_size"] / 1e6, limit // (1024 * 1024), host),
+                code_size / 1e6, limit // (1024 * 1024), host),
                 "add large files to .gitignore or .rtrainignore, or pass --yes to send it anyway")
     # One agent call does it all (docs/contracts.md, verb submit with "upload"): the agent
     # answers with the hashes it lacks, we send those blobs on the same channel, and it queues
     # the job only once its snapshot is complete and we are still there to hear of it.
-    req = {"manifest": {"entries": manifest["entries"], "git": manifest.get("git")},
+    req = {"manifest": {"entries": code, "git": manifest.get("git")},
            "command": command, "gpus": int(gpus), "name": name, "priority": int(priority),
-           "retries": int(retries), "env": dict(dict(getattr(h, "env", ()) or ()), **dict(env or {})),
+           "retries": int(retries),
+           "env": dict(dict(getattr(h, "env", ()) or ()), **dict(proj.env, **dict(env or {}))),
            "token": uuid.uuid4().hex, "upload": True,
-           "settings": client.settings()}
+           "settings": client.settings(), "autostop": h.autostop,
+           "notify": dict(h.notify, host=host) if h.notify else None,
+           "stall": None if h.stall_after is None else {
+               "after": h.stall_after, "util_busy": h.gpu_util_busy, "action": h.on_stall}}
+    if data:
+        req["manifest"]["data"] = data
+    spec = jobspec.request(proj, code)
+    if spec is not None:
+        req["project"] = spec
 
     def respond(frame):
         if "missing" not in frame:
@@ -77,6 +92,7 @@ def submit(session, argv, host=None, gpus=0, name=None, priority=0, retries=0, e
         res = _recover(session, host, req, e, events, sleep)
     job = session.decorate(host, res["job"])
     job["uploaded"] = manifest.get("_uploaded", 0)
+    job["uploaded_files"] = manifest.get("_uploaded_files", 0)
     return job
 
 
@@ -143,6 +159,7 @@ def _upload(root, manifest, hashes, progress, events):
         if progress:
             progress(sent, total)
     manifest["_uploaded"] = manifest.get("_uploaded", 0) + total
+    manifest["_uploaded_files"] = manifest.get("_uploaded_files", 0) + len(set(hashes))
 
 
 _SEND_BATCH = 256 * 1024

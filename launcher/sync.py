@@ -72,14 +72,17 @@ def _hash_all(todo):
     return [done[i] for i in range(len(todo))]
 
 
-def build_manifest(root, cache_path=None):
-    """The manifest of docs/contracts.md for root, plus "warnings" and "total_size"."""
+def build_manifest(root, cache_path=None, extra=()):
+    """The manifest of docs/contracts.md for root, plus "warnings" and "total_size". `extra`:
+    more relative paths to take whatever the ignore rules say (a project's data)."""
     root = os.path.abspath(root)
     real_root = os.path.realpath(root)
     in_git = in_git_work_tree(root)
     status = GitStatus(root) if in_git else None  # runs while we list and hash
     try:
         paths, warnings, stats, _ = select(root, in_git, {})
+        if extra:
+            paths = sorted(set(paths).union(extra))
         cache = HashCache(os.path.expanduser(cache_path) if cache_path else default_cache_path())
         entries = []
         total = 0

@@ -15,6 +15,9 @@ for pair in sshd:openssh-server ssh:openssh-client git:git rsync:rsync tsp:task-
   cmd=${pair%%:*}; pkg=${pair#*:}
   command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || need="$need $pkg"
 done
+# rtrain.yaml's `setup:` makes venvs with the host's `python3 -m venv` (Debian: python3-venv)
+python3_sys=$(PATH=/usr/local/bin:/usr/bin:/bin command -v python3 || true)
+[ -z "$python3_sys" ] || "$python3_sys" -c 'import ensurepip' 2>/dev/null || need="$need python3-venv"
 # The container tests (tests/integration/containers): a private dockerd (docker.io, which brings
 # runc and tini), rootless podman (podman + uidmap; with runc already there it takes no crun),
 # and mmdebstrap to make their Debian base image without a registry. No recommends: they would

@@ -31,10 +31,11 @@ def need(condition, reason):
         pytest.skip(reason)
 
 
-def daemon_pid(home):
-    """The pid of the daemon that last held RTRAIN_HOME's lock (its lock file: {"pid", "argv"})."""
+def daemon_pid(home, lock="daemon.lock"):
+    """The pid of the daemon (or the monitor, or the notification sender: `lock`) that last held
+    its lock file in RTRAIN_HOME ({"pid", ...})."""
     try:
-        return int(json.loads((Path(str(home)) / "daemon.lock").read_text())["pid"])
+        return int(json.loads((Path(str(home)) / lock).read_text())["pid"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -42,7 +43,7 @@ def daemon_pid(home):
 def stop_agent(home):
     """SIGKILL, by pid, the daemon and every job process of the agent whose RTRAIN_HOME is
     `home` (a Path): what a test leaves running."""
-    targets = [(daemon_pid(home), False)]
+    targets = [(daemon_pid(home, lock), False) for lock in ("daemon.lock", "monitor.lock", "notify.lock")]
     for f in home.glob("jobs/*/pid.json"):
         try:
             info = json.loads(f.read_text())

@@ -165,10 +165,14 @@ class Daemon(Scheduler):
                 if waiting:
                     timeout = 0.2
                     self._listen_for_others()
-                elif any(r is None or r["state"] == "running" for r in rows):
+                elif any(r is None or r["state"] == "running" for r in rows) or \
+                        (self.prep is not None and self.prep.busy()):  # builds: say progress
                     timeout = 1.0
                 else:
-                    timeout = 5.0
+                    # the wake FIFO in the shared lease dir says "a daemon waits for GPUs" (the
+                    # monitor's autostop reads it): it is there only while one does
+                    self._stop_listening()
+                    timeout = 1.0 if any(r is None or r["state"] == "running" for r in rows) else 5.0
                 fds = [rfd] + ([self.waiter[0]] if self.waiter else [])
                 ready, _, _ = select.select(fds, [], [], timeout)
                 for fd in ready:
@@ -255,20 +259,14 @@ class Daemon(Scheduler):
                 if b == pid:
                     del self.builders[job_id]
                     self.built[job_id] = pid
+            if self.prep is not None:
+                self.prep.ended(pid)  # a data tree's or an environment's builder (prepare.py)
 
 
 def _lock_soon(fd, wait_s=5.0):
     """Take the daemon lock; wait a little for it: a daemon that is exiting (it stopped reading
     its FIFO, which is why we were started) lets go of it in milliseconds."""
-    deadline = time.monotonic() + wait_s
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-        except OSError:
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.05)
+    return fsutil.flock_within(fd, wait_s)
 
 
 class _NotQueued(Exception):

@@ -119,3 +119,19 @@ def close_quietly(fd):
         except OSError:
             pass
     return None
+
+
+def flock_within(fd, wait_s, op=None):
+    """Take an flock (exclusive by default) on fd, trying for up to wait_s. True if taken."""
+    import fcntl
+    import time
+    op = fcntl.LOCK_EX if op is None else op
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(fd, op | fcntl.LOCK_NB)
+            return True
+        except OSError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)

@@ -5,7 +5,7 @@ import os
 import signal
 import time
 
-from . import db, fsutil, runner, workdirs
+from . import db, fsutil, notify, runner, workdirs
 
 
 def finalize_exited(con, home):
@@ -35,7 +35,13 @@ def _finish(con, home, job_id, ex):
             return 1
         con.execute("UPDATE jobs SET state=?, exit_code=?, signal=?, ended_at=? WHERE id=?",
                     (state, ex["exit_code"], ex.get("signal"), ex.get("ended_at") or time.time(), job_id))
+    ended(con, home, job_id)
     return 1
+
+
+def ended(con, home, job_id):
+    """After a job reached its final state: tell whoever it asked to be told (notify.py)."""
+    notify.job_event(home, db.get(con, job_id))
 
 
 def _requeue(con, home, row, why):
@@ -122,3 +128,25 @@ def _lose(con, home, row):
             append_log(home, row["id"], "rtrain: job lost: its process vanished (host rebooted or killed)\n")
             con.execute("UPDATE jobs SET state='lost', ended_at=?, message=? WHERE id=?",
                         (time.time(), "its process vanished (host rebooted or killed)", row["id"]))
+    if db.get(con, row["id"])["state"] == "lost":
+        ended(con, home, row["id"])
+
+
+def request_cancel(home, row):
+    """Ask a running job to stop: the cancel mark its wrapper reads, and SIGTERM to the wrapper
+    (which passes it on to the job's processes, then ends them after their grace period), or to
+    the job's process group when the wrapper is gone. The exit is recorded as the wrapper ends."""
+    job_id = row["id"]
+    open(home.job(job_id).cancel, "w").close()
+    pids = runner.read_pids(home, job_id)
+    if row["wrapper_pid"] and fsutil.alive(row["wrapper_pid"], row["wrapper_start"]):
+        _signal(row["wrapper_pid"], signal.SIGTERM, group=False)
+    elif pids.get("pgid") and fsutil.alive(pids["pgid"], pids.get("pgid_start")):
+        _signal(pids["pgid"], signal.SIGTERM, group=True)
+
+
+def _signal(pid, sig, group):
+    try:
+        (os.killpg if group else os.kill)(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass

@@ -12,6 +12,8 @@ JOB_FILES = (
     ("work", "work"),                    # private copies of the snapshot: the job's cwd
     ("build_error", "build-error.json"),  # why its work dir could not be built
     ("env", "env.json"),                 # --env values, 0600: never in the job database
+    ("notify", "notify.json"),           # where to tell of its end (a webhook URL: a secret), 0600
+    ("stall", "stall.json"),             # when its GPUs idle this long, say so (monitor.py)
     ("log", "log"),                      # stdout and stderr, byte for byte
     ("pids", "pid.json"),                # its wrapper and process group (a new daemon adopts them)
     ("cancel", "cancel"),                # there once it was asked to stop

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 
-from . import containers, fsutil, leases
+from . import containers, fsutil, leases, runtime
 
 SHELL = "/bin/bash" if os.path.exists("/bin/bash") else "/bin/sh"
 # The job gets a process group of its own (cancel signals the group). process_group= (3.11+)
@@ -24,14 +24,17 @@ SHELL = "/bin/bash" if os.path.exists("/bin/bash") else "/bin/sh"
 _OWN_GROUP = {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
 
 
+def fixed_vars(job_id, gpu_uuids):
+    """rtrain's own variables of a job, set after the user's."""
+    # CUDA_VISIBLE_DEVICES is always set, even for CPU jobs: an empty value hides every GPU.
+    return [("RTRAIN_JOB_ID", str(job_id)), ("PYTHONUNBUFFERED", "1"),
+            ("CUDA_DEVICE_ORDER", "PCI_BUS_ID"), ("CUDA_VISIBLE_DEVICES", ",".join(gpu_uuids))]
+
+
 def job_env(base, job_id, gpu_uuids, extra):
     env = dict(base)
     env.update(extra or {})
-    env["RTRAIN_JOB_ID"] = str(job_id)
-    env["PYTHONUNBUFFERED"] = "1"
-    env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
-    # Always set, even for CPU jobs: an empty value hides every GPU from CUDA.
-    env["CUDA_VISIBLE_DEVICES"] = ",".join(gpu_uuids)
+    env.update(fixed_vars(job_id, gpu_uuids))
     return env
 
 
@@ -151,7 +154,8 @@ def _wrap(home, job, lock_fds, poke, state, grace=10):
                 "exit_code": None, "signal": None, "ended_at": time.time(), "cancelled": True})
             poke()
             return _durable(home, job_id, reserved)
-        argv = [SHELL, "-c", job["command"]]
+        # the job's variables expanded, its environment activated, its shell (runtime.py)
+        argv, env = runtime.job_process(home, job, fixed_vars(job_id, job["gpus"]))
         if job.get("container"):
             argv, env, state["container"] = _container_command(home, job)
         child = subprocess.Popen(

@@ -22,7 +22,8 @@ import time
 import traceback
 
 from . import db, fsutil, gpus, inventory, leases, workdirs
-from .jobstate import append_log
+from .jobstate import append_log, ended
+from .prepare import Prep
 from .settings import Settings
 
 SNAPSHOT_MAX_AGE_S = 2.0
@@ -53,6 +54,7 @@ class Scheduler:
         self.built = {}         # job id -> pid of a builder that has ended
         self.own_fds = []       # the daemon's descriptors, closed in every child
         self.lock_dir = None    # the lease dir of the first job waiting for GPUs, if any
+        self.prep = None        # data trees and environments built before jobs (prepare.py)
 
     def schedule(self):
         """Start what can start. Returns True if some job waits for GPUs."""
@@ -147,10 +149,17 @@ class Scheduler:
                 self.con.execute("UPDATE jobs SET state='failed', ended_at=?, message=? WHERE id=? AND "
                                  "state='queued'", (time.time(), "rtrain could not start it: %s: %s" % (
                                      type(e).__name__, e), row["id"]))
+            ended(self.con, self.home, row["id"])
         except Exception:  # noqa: BLE001 - the database itself is in trouble: next pass
             traceback.print_exc()
 
     def _prepared(self, row):
+        """True once the job's data, work dir and environment are ready (prepare.py)."""
+        if self.prep is None:
+            self.prep = Prep(self.home, self.con, self.store, self.own_fds, self.poke_self)
+        return self.prep.ready(row, self._workdir_ready)
+
+    def _workdir_ready(self, row):
         """True once the job's work dir is built; else see that it is being built."""
         job_id = row["id"]
         if workdirs.ready(self.home, job_id):
@@ -180,6 +189,7 @@ class Scheduler:
             self.con.execute("UPDATE jobs SET state='failed', ended_at=?, message=? WHERE id=? AND "
                              "state='queued'", (time.time(), "cannot build its work dir: %s" % why,
                                                 row["id"]))
+        ended(self.con, self.home, row["id"])
 
     def _why_waiting(self, n, view, lock_dir):
         if view.error:

@@ -235,12 +235,15 @@ class Store(object):
 
     # ------------------------------------------------------------------ gc
 
-    def gc(self, keep_hashes, tmp_age_s=3600):
+    def gc(self, keep_hashes, tmp_age_s=3600, dry_run=False):
         """Delete blobs not in keep_hashes and temp files older than tmp_age_s (packs holding
-        some are written again with the kept ones only). Returns {"count", "bytes"} deleted."""
+        some are written again with the kept ones only). Returns {"count", "bytes"} deleted
+        (with dry_run: that would be, deleting nothing)."""
         keep = set(keep_hashes)
         count = nbytes = 0
         now = time.time()
+        if dry_run:
+            return self._garbage(keep)
         for name in os.listdir(self.root):
             full = os.path.join(self.root, name)
             if name.startswith(_TMP_PREFIX):
@@ -267,6 +270,28 @@ class Store(object):
                 nbytes += size
         c, b = self._gc_packs(keep, now, tmp_age_s)
         return {"count": count + c, "bytes": nbytes + b}
+
+    def _garbage(self, keep):
+        """{"count", "bytes"} of the blobs gc would delete."""
+        count = nbytes = 0
+        for name in os.listdir(self.root):
+            full = os.path.join(self.root, name)
+            if len(name) != 2 or not os.path.isdir(full):
+                continue
+            for rest in os.listdir(full):
+                if name + rest not in keep and _HEX.match(name + rest):
+                    count += 1
+                    try:
+                        nbytes += os.lstat(os.path.join(full, rest)).st_size
+                    except OSError:
+                        pass
+        con = self._index()
+        if con is not None:
+            for h, size in con.execute("SELECT hash, size FROM packed"):
+                if h not in keep:
+                    count += 1
+                    nbytes += size
+        return {"count": count, "bytes": nbytes}
 
     def _gc_packs(self, keep, now, tmp_age_s):
         con = self._index()

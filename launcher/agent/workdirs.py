@@ -13,7 +13,7 @@ import os
 import shutil
 import time
 
-from . import fsutil, store
+from . import fsutil, jobproject, store
 from .manifest import ManifestError
 from .materialize import materialize
 
@@ -50,6 +50,7 @@ def build(home, job_id, st):
         if not isinstance(manifest, dict) or not isinstance(manifest.get("entries"), list):
             raise store.StoreError("its manifest (%s) is missing or unreadable" % home.job(job_id).manifest)
         materialize(st, manifest["entries"], tmp)
+        jobproject.worklinks(home, job_id, tmp)  # its data, outputs and mounts: symlinks
         try:
             os.rename(tmp, work)
         except OSError as e:

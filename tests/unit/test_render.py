@@ -39,3 +39,12 @@ def test_render_prints_user_text_as_written(text, capsys, monkeypatch):
 def test_host_errors_keep_their_hint(capsys):
     render.host_errors([("h", HostError("h", "down", "try this"))])
     assert capsys.readouterr().err == "rtrain: error: h: down\n  hint: try this\n"
+
+
+def test_a_jobs_gpu_hours_and_cost(capsys):
+    from launcher import app
+    job = _job(gpus=["GPU-a", "GPU-b"], started_at=1000.0, ended_at=1000.0 + 5400)
+    assert app.gpu_hours(job) == 3.0
+    job.update(gpu_hours=3.0, cost=7.47)
+    render.job_detail(job)
+    assert "gpu-hours  3.00, cost 7.47" in capsys.readouterr().out

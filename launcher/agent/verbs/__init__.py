@@ -2,7 +2,7 @@
 function, which takes a Context (context.py) and returns the reply's result."""
 import sys
 
-from . import files, gpus, hello, logs, status, submit
+from . import files, gpus, hello, logs, prune, status, submit, watch
 
 
 def daemon(ctx):
@@ -12,8 +12,16 @@ def daemon(ctx):
     sys.exit(code or 0)
 
 
+def notify_sender(ctx):
+    """Deliver the queued notifications, then exit (notify.py; started by notify.start_sender)."""
+    from .. import notify
+    notify.deliver(ctx.home)
+    sys.exit(0)
+
+
 VERBS = {
     "hello": hello.hello, "gpus": gpus.gpus_verb, "submit": submit.submit, "status": status.status,
     "cancel": status.cancel, "logs": logs.logs, "outputs": files.outputs, "read": files.read,
-    "daemon": daemon,
+    "daemon": daemon, "prune": prune.prune, "notify": notify_sender, "autostop": watch.autostop_verb,
+    "monitor": watch.monitor_verb,
 }

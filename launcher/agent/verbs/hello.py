@@ -33,7 +33,15 @@ def hello(ctx):
         "disk_free": disk_free,
         "nvidia_smi": shutil.which(gpus.base_argv(ctx.settings.nvidia_smi)[0]),
         "daemon_running": writable and daemon.running(ctx.home),
+        "autostop": _autostop(ctx) if writable else None,
     }
+
+
+def _autostop(ctx):
+    from .. import monitor
+    from .watch import push_autostop
+    push_autostop(ctx)
+    return monitor.summary(ctx.home, started=ctx.monitor_started)
 
 
 def user_name():

@@ -1,9 +1,7 @@
 """`status` (list or look up jobs) and `cancel`."""
-import os
-import signal
 import time
 
-from .. import daemon, db, fsutil, jobstate, runner
+from .. import daemon, db, jobstate, monitor, runner
 
 
 def status(ctx):
@@ -38,6 +36,7 @@ def status(ctx):
         jobs = [db.to_public(r) for r in rows]
     if any(j["state"] in ("queued", "running") for j in jobs) and not daemon.running(ctx.home):
         ctx.poke()  # the daemon died (or the host rebooted): start it, it reconciles
+    monitor.ensure(ctx.home, con, ctx.agent_argv)  # likewise the monitor, if anything needs it
     return {"jobs": jobs, "hidden": hidden, "now": time.time()}
 
 
@@ -51,15 +50,11 @@ def cancel(ctx):
                         (time.time(), job_id))
         row = db.get(con, job_id)
         if row["state"] == "cancelled":
+            jobstate.ended(con, ctx.home, job_id)
             return {"job": ctx.public(row), "was": "queued"}
     if row["state"] != "running":
         return {"job": ctx.public(row), "was": row["state"]}
-    open(ctx.home.job(job_id).cancel, "w").close()
-    pids = runner.read_pids(ctx.home, job_id)
-    if row["wrapper_pid"] and fsutil.alive(row["wrapper_pid"], row["wrapper_start"]):
-        _signal(row["wrapper_pid"], signal.SIGTERM, group=False)
-    elif pids.get("pgid") and fsutil.alive(pids["pgid"], pids.get("pgid_start")):
-        _signal(pids["pgid"], signal.SIGTERM, group=True)
+    jobstate.request_cancel(ctx.home, row)
     deadline = time.time() + float(ctx.req.get("wait", 3.0))
     while time.time() < deadline:
         if runner.read_exit(ctx.home, job_id) is not None:
@@ -67,10 +62,3 @@ def cancel(ctx):
         time.sleep(0.02)
     jobstate.finalize_exited(con, ctx.home)
     return {"job": ctx.public(db.get(con, job_id)), "was": "running"}
-
-
-def _signal(pid, sig, group):
-    try:
-        (os.killpg if group else os.kill)(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass

@@ -10,9 +10,10 @@ import os
 import shutil
 import uuid as uuidlib
 
-from .. import db, fsutil, gpus, inventory, paths, store
+from .. import autostop, db, fsutil, gclock, gpus, inventory, jobproject, notify, paths, store
 from ..manifest import ManifestError, check_entries
 from ..protocol import AgentError
+from . import watch
 
 
 def submit(ctx):
@@ -27,11 +28,15 @@ def submit(ctx):
     if req.get("lookup"):
         raise AgentError("not_queued", "no job was queued for this submit")
     spec = _check_request(ctx)
+    gclock.hold_shared(ctx.home)  # prune deletes no blob this submit counts on (gclock.py)
     entries, size = _receive_snapshot(ctx)
+    # data (shared read-only per content, not copied per job) and the project file's part
+    data = (req.get("manifest") or {}).get("data") or []
+    project = jobproject.check(req.get("project"), data)
     home = ctx.home
     _check_room(home, size, len(entries))
     _sweep_tmp(home)
-    tmp = _job_folder(home, entries, req.get("env") or {})
+    tmp = _job_folder(home, entries, req.get("env") or {}, data, project, spec.pop("notify"), spec.pop("stall"))
     spec["files"] = len(entries)
     spec["bytes"] = sum(int(e.get("size") or 0) for e in entries)
     job_id = _commit(ctx, spec, token, tmp)
@@ -39,6 +44,7 @@ def submit(ctx):
         ctx.poke()
     except OSError:
         pass  # the job is queued; the next call that finds no daemon starts one
+    watch.push_autostop(ctx)
     return {"job": ctx.public(db.get(ctx.con, job_id)), "duplicate": False}
 
 
@@ -68,13 +74,33 @@ def _check_request(ctx):
                                             for k, v in env.items()):
         raise AgentError("bad_request", "env must map names to strings")
     git = (req.get("manifest") or {}).get("git") or {}
+    try:
+        notify_cfg = notify.check(req.get("notify"))
+    except notify.NotifyError as e:
+        raise AgentError("bad_request", str(e), "fix `notify:` in hosts.yaml or rtrain.yaml")
     return {
         "name": req.get("name") or _default_name(command), "command": command, "gpus": n,
         "priority": int(req.get("priority", 0)), "retries": int(req.get("retries", 0)),
         "grace": float(req.get("grace", 10)),
         "git_commit": git.get("commit"), "git_dirty": git.get("dirty") if git else None,
-        "settings": settings.to_dict(),
+        "settings": settings.to_dict(), "notify": notify_cfg, "stall": _check_stall(req.get("stall")),
     }
+
+
+def _check_stall(cfg):
+    """{"after": seconds, "util_busy": percent, "action": "notify" | "cancel"} or None."""
+    if not cfg:
+        return None
+    try:
+        after = autostop.seconds(cfg.get("after"), "stall_after")
+    except autostop.AutostopError as e:
+        raise AgentError("bad_request", str(e), "fix `stall_after:` in hosts.yaml or rtrain.yaml")
+    busy = cfg.get("util_busy", 5)
+    action = cfg.get("action") or "notify"
+    if isinstance(busy, bool) or not isinstance(busy, (int, float)) or action not in ("notify", "cancel"):
+        raise AgentError("bad_request", "bad stall settings %r" % (cfg,),
+                         "on_stall is notify or cancel; gpu_util_busy a percent")
+    return {"after": after, "util_busy": busy, "action": action}
 
 
 def _receive_snapshot(ctx):
@@ -84,11 +110,16 @@ def _receive_snapshot(ctx):
     the reply, so a client that went away (connection cut) shows as EOF there."""
     req = ctx.req
     entries = (req.get("manifest") or {}).get("entries") or []
+    data = (req.get("manifest") or {}).get("data") or []
     st = store.Store(ctx.home.store)
     upload = bool(req.get("upload"))
     try:
+        if not isinstance(data, list):
+            raise ManifestError("the manifest's data must be a list of entries")
         size = check_entries(entries)
-        lacking = st.missing(sorted({e["hash"] for e in entries if e.get("type", "file") == "file"}))
+        check_entries(entries + data)  # data paths apart from the code's
+        lacking = st.missing(sorted({e["hash"] for e in entries + data
+                                     if e.get("type", "file") == "file"}))
     except (ManifestError, store.StoreError) as e:
         raise AgentError("bad_manifest", str(e))
     if lacking and upload:
@@ -104,20 +135,24 @@ def _receive_snapshot(ctx):
     return entries, size
 
 
-def _job_folder(home, entries, env):
-    """The job's folder, complete, in tmp/: its manifest, an empty log, its env (values may be
-    secrets: a 0600 file, never the job database). The daemon builds its work dir (the
-    snapshot's private copies) before it starts it (workdirs.py)."""
+def _job_folder(home, entries, env, data=(), project=None, notify_cfg=None, stall=None):
+    """The job's folder, complete, in tmp/: its manifest, an empty log, its env and where to
+    notify (values may be secrets: 0600 files, never the job database). The daemon builds its
+    work dir (the snapshot's private copies) before it starts it (workdirs.py)."""
     tmp = os.path.join(home.tmp, "job-%s-%d-%s" % (_node(), os.getpid(), uuidlib.uuid4().hex[:12]))
     try:
         os.mkdir(tmp, 0o700)
         job = paths.JobPaths(tmp)
-        _write_manifest(job.manifest, entries)
+        _write_manifest(job.manifest, entries, data)
+        if project is not None:
+            fsutil.write_json_atomic(os.path.join(tmp, "project.json"), project)
         open(job.log, "ab").close()
         os.chmod(job.log, 0o600)
-        fd = os.open(job.env, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(env, f)
+        for path, value in ((job.env, env), (job.notify, notify_cfg), (job.stall, stall)):
+            if value is not None:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "w") as f:
+                    json.dump(value, f)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -159,9 +194,12 @@ def _check_room(home, size, files):
                          "host in hosts.yaml to a larger disk" % home.root)
 
 
-def _write_manifest(path, entries):
+def _write_manifest(path, entries, data_entries=()):
     # the C encoder in one go (json.dump to a file streams through the pure-Python one)
-    data = json.dumps({"entries": entries}, separators=(",", ":"))
+    body = {"entries": entries}
+    if data_entries:
+        body["data"] = list(data_entries)
+    data = json.dumps(body, separators=(",", ":"))
     with open(path, "w") as f:
         f.write(data)
         f.flush()
