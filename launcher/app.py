@@ -61,6 +61,7 @@ def cancel(session, ref):
         raise
     out = session.decorate(host, res["job"])
     out["was"] = res["was"]
+    out["ended_leftovers"] = res.get("ended_leftovers", 0)
     return out
 
 
