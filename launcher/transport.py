@@ -3,7 +3,8 @@
 A transport knows one host. It starts the agent as a process (`python3 AGENT VERB`)
 and hands back an AgentProcess: bytes in on stdin, JSON lines out on stdout.
 The framing and error mapping live in agentclient.py, shared by every transport;
-the SSH transport (ssh.py) only implements the same few methods over paramiko.
+the SSH transports (openssh.py, the default; paramiko_transport.py) implement the same few
+methods over the system `ssh` client and over paramiko (docs/contracts.md, "Transports").
 """
 import os
 import subprocess

@@ -10,6 +10,7 @@ import pytest
 from slurmlogin import Login, started_cluster, stop_cluster
 
 ENDED = ("succeeded", "failed", "cancelled", "lost", "preempted")
+SSH_TRANSPORTS = ()  # conftest: these tests drive ssh themselves, not rtrain's transports
 
 
 @pytest.fixture(scope="module")
