@@ -16,6 +16,7 @@ from slurmlogin import Login, started_cluster, stop_cluster
 from support import ALICE, one_error, path_without
 
 ACTIVE = ("queued", "running")
+SSH_TRANSPORTS = ("openssh",)  # conftest: the transports have tests of their own; Slurm's path is one
 
 # stands in for the cluster's apptainer: says how it was called, then runs the job's command
 FAKE_APPTAINER = r"""#!/bin/bash
@@ -145,7 +146,12 @@ def test_cancel_a_running_and_a_pending_job(cli):
     running = cli.submit("--gpus", "4", "--", "echo up; sleep 600")
     pending = cli.submit("--gpus", "4", "--", "sleep 600")
     cli.wait(running, states=("running",))
-    j = cli.job(pending)
+    deadline = time.time() + 30
+    while True:  # (a job Slurm has not looked at yet waits for no reason: "Pending")
+        j = cli.job(pending)
+        if j["message"] != "Pending" or time.time() > deadline:
+            break
+        time.sleep(0.3)
     assert j["state"] == "queued" and j["message"] in ("Pending: Resources", "Pending: Priority"), j
     assert j["slurm"]["state"] == "PENDING" and j["slurm"]["reason"] in ("Resources", "Priority")
     assert "Pending: " in cli.run("status", pending).stdout
