@@ -146,10 +146,11 @@ class Cli:
             hosts = self.sshd.hosts_yaml(tmp / ("hosts-%s.yaml" % fmt), {"cluster": (
                 ALICE, self.login.port, {"home": self.home, "scheduler": "slurm", "squeue_format": fmt})})
             self.rt[fmt] = [sys.executable, "-m", "launcher", "--hosts", str(hosts)]
-        self.ssh = ["ssh", "-F", "/dev/null", "-i", str(self.sshd.user_key), "-o", "IdentitiesOnly=yes",
-                    "-o", "UserKnownHostsFile=%s" % self.login.known_hosts, "-o", "BatchMode=yes",
-                    "-o", "ControlMaster=auto", "-o", "ControlPath=%s/cm-%%C" % tmp,
-                    "-o", "ControlPersist=120", "-p", str(self.login.port), "%s@127.0.0.1" % ALICE]
+        self.ssh_new = ["ssh", "-F", "/dev/null", "-i", str(self.sshd.user_key), "-o", "IdentitiesOnly=yes",
+                        "-o", "UserKnownHostsFile=%s" % self.login.known_hosts, "-o", "BatchMode=yes",
+                        "-p", str(self.login.port), "%s@127.0.0.1" % ALICE]
+        self.ssh = self.ssh_new[:-1] + ["-o", "ControlMaster=auto", "-o", "ControlPath=%s/cm-%%C" % tmp,
+                                        "-o", "ControlPersist=120", self.ssh_new[-1]]
 
     def cli(self, *args, fmt="auto", check=True):
         return subprocess.run(self.rt[fmt] + list(args), cwd=str(self.src), env=self.env,
@@ -192,9 +193,8 @@ class Cli:
         while time.time() < deadline and sum(
                 j["state"] == "succeeded" for j in json.loads(self.cli("status", "--json"))) < 10:
             time.sleep(0.5)
-        return {"ssh_new": timed(lambda: subprocess.run(
-                    self.ssh[:-1] + ["-o", "ControlMaster=no", "-o", "ControlPath=none", self.ssh[-1], "true"],
-                    capture_output=True, check=True), runs),
+        return {"ssh_new": timed(lambda: subprocess.run(self.ssh_new + ["true"], capture_output=True,
+                                                        check=True), runs),
                 "cli_version": timed(lambda: subprocess.run(self.rt["auto"][:3] + ["--version"],
                                                             capture_output=True, check=True), runs),
                 "cli_auto": timed(lambda: self.cli("status", "--json"), runs),

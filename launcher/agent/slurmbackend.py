@@ -128,7 +128,7 @@ class Slurm:
 
     def verb(self, name, fn):
         own = {"submit": self.submit, "cancel": self.cancel, "gpus": self.gpus,
-               "hello": self.hello, "daemon": _no_daemon}
+               "hello": self.hello, "daemon": _no_daemon, "autostop": _no_autostop}
         return own.get(name, fn)
 
     # ------------------------------------------------------------------ the verbs of its own
@@ -198,6 +198,11 @@ def _column(key, value):
 def _lock_free(home, job_id):
     """True when no agent holds the job's hand-off lock (slurmhandoff.py)."""
     return not fsutil.flock_held(handoff_lock_path(home, job_id))
+
+
+def _no_autostop(ctx):
+    raise AgentError("not_on_slurm", "autostop stops a host you own; a Slurm cluster's login node is "
+                     "not one", "autostop is for towers and cloud VMs")
 
 
 def _no_daemon(ctx):

@@ -610,3 +610,17 @@ def test_no_slurm_on_path(tmp_path):
     with pytest.raises(AgentError) as e:
         slurmjobs.gpus(env={"PATH": str(tmp_path)})
     assert e.value.code == "no_slurm"
+
+
+def test_wrapper_runs_a_login_shell_job_with_its_variables_set_after_the_profiles(tmp_path):
+    """shell: login (runtime.argv): the login shell's profiles run, then the job's variables are
+    set again from env.sh, so PATH extends the login's PATH."""
+    from launcher.agent import runtime
+    home, wrapper, folder, env = _wrapper_job(tmp_path, "true")
+    env_file = os.path.join(home.job(7).dir, "env.sh")
+    argv = runtime.argv({"shell": "login"}, 'echo "$P|$RTRAIN_JOB_ID"', env_file)
+    slurmjobs.prepare(home, {"id": 7, "argv": argv, "vars": [["P", "/x:$PATH"]]})
+    p = _run(wrapper, folder, env, tmp_path)
+    assert p.returncode == 0, p.stderr
+    got, job = p.stdout.decode().strip().splitlines()[-1].split("|")
+    assert got.startswith("/x:") and len(got) > 3 and job == "7"
