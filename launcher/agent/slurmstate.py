@@ -157,7 +157,7 @@ def record(view, requeue=False, now=None):
     "started_at", "ended_at", "gpus", "attempts"}. A job Slurm requeued waits again ("queued",
     and the message says so); a preempted job that Slurm will not requeue has failed. GPUs are
     NODE:INDEX (Slurm names them per node; there are no UUIDs to be had on the login node)."""
-    state, reason, sid = view["state"], view.get("reason"), view.get("slurm_job_id")
+    state, reason = view["state"], view.get("reason")
     rec = {"exit_code": view.get("exit_code"), "signal": view.get("signal"),
            "started_at": view.get("started_at"), "ended_at": view.get("ended_at"),
            "gpus": ["%s:%s" % (view.get("node") or "?", g) for g in view.get("gpus") or ()],
@@ -170,8 +170,7 @@ def record(view, requeue=False, now=None):
                    "requeued by Slurm (after preemption or a node failure); %s" % wait,
                    exit_code=None, signal=None, started_at=None, ended_at=None, gpus=[])
     elif state == "running":
-        rec.update(state="running", message="Slurm job %s on %s" % (sid, view.get("node") or "?"),
-                   ended_at=None)
+        rec.update(state="running", message="", ended_at=None)  # (status JOB: Slurm's id, node)
     else:
         if state == "preempted":
             state, reason = "failed", "preempted by Slurm"

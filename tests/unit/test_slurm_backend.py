@@ -29,7 +29,7 @@ def test_views_in_the_job_tables_words():
     assert (rec["state"], rec["message"], rec["gpus"], rec["attempts"]) == ("queued", "Pending: Resources", [], 0)
     rec = slurmstate.record(view("running", node="n3", gpus=["2", "3"], started_at=10.0, restarts=0))
     assert (rec["state"], rec["message"], rec["gpus"], rec["attempts"], rec["ended_at"]) == (
-        "running", "Slurm job 41 on n3", ["n3:2", "n3:3"], 1, None)
+        "running", "", ["n3:2", "n3:3"], 1, None)
     rec = slurmstate.record(view("failed", reason="time limit reached", node="n3", gpus=["0"],
                                  started_at=10.0, ended_at=20.0, exit_code=143, signal="SIGTERM"))
     assert (rec["state"], rec["message"], rec["exit_code"], rec["ended_at"], rec["gpus"]) == (
@@ -218,7 +218,7 @@ def test_refresh_saves_what_slurm_says_and_a_job_that_never_reached_slurm_is_los
     backend.refresh()
     row = db.get(con, ran)
     assert (row["state"], row["message"], json.loads(row["gpus"]), row["attempts"]) == (
-        "running", "Slurm job 41 on node1", ["node1:0", "node1:1"], 1)
+        "running", "", ["node1:0", "node1:1"], 1)
     jobs = [db.to_public(db.get(con, j)) for j in (orphan, handing)]
     backend.revive(jobs)
     assert [j["state"] for j in jobs] == ["lost", "queued"]
