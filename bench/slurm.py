@@ -166,9 +166,10 @@ class Cli:
     def rtrain(self, command, until):
         t0 = time.perf_counter()
         job = self.cli("submit", "-q", "--", command).strip()
+        t_sub = time.perf_counter() - t0
         while json.loads(self.cli("status", "--json", job))["state"] not in until:
             time.sleep(self.poll)
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, t_sub
 
     def follow(self, command):
         t0 = time.perf_counter()
@@ -235,7 +236,7 @@ def main():
         b.bare("true", ("COMPLETED", "FAILED"))             # are slower than the next ones
         st = {}
         res = {k: [] for k in ("run_rt", "run_agent", "run_bare", "e2e_rt", "e2e_agent", "e2e_bare",
-                               "sub_rt", "run_cli", "run_ssh", "e2e_cli", "e2e_ssh")}
+                               "sub_rt", "run_cli", "run_ssh", "e2e_cli", "e2e_ssh", "sub_cli")}
         for i in range(args.runs):
             t, ts, _ = b.rtrain("sleep 2", ("running",))
             res["run_rt"].append(t)
@@ -302,7 +303,9 @@ def main():
             cli.follow("true")  # ships the agent
             cli.bare("true", ("COMPLETED", "FAILED"))
             for i in range(args.runs):
-                res["run_cli"].append(cli.rtrain("sleep 5", ("running",)))
+                t, ts = cli.rtrain("sleep 5", ("running",))
+                res["run_cli"].append(t)
+                res["sub_cli"].append(ts)
                 res["run_ssh"].append(cli.bare("sleep 5", ("RUNNING",)))
                 cluster.cancel_all()
                 res["e2e_cli"].append(cli.follow("true"))
@@ -336,6 +339,7 @@ def main():
                             ("end-to-end, ssh sbatch + squeue", "e2e_ssh", "e2e_ssh")):
         print("%-40s %10s %10s %7.2fx" % (label, ms(med(res[rt])), ms(p95(res[rt])),
                                           med(res[rt]) / med(res[bare])))
+    print("%-40s %10s" % ("  (rtrain submit -q itself, until sbatch)", ms(med(res["sub_cli"]))))
     for tag, s in st.items():
         print("status of 200 jobs (%s)" % tag)
         rows = (("rtrain status --json, squeue_format auto", "cli_auto", "ssh_json"),

@@ -91,7 +91,7 @@ class Slurm:
         if row is None or row["state"] not in ACTIVE or not slurm_record(home, job_id).get("slurm_job_id"):
             return row
         since = None if self.asked_at is None else time.monotonic() - self.asked_at
-        if since is None or since >= POLL_S or (since >= 0.5 and os.path.exists(home.job(job_id).exit)):
+        if since is None or since >= POLL_S or (since >= 0.25 and os.path.exists(home.job(job_id).exit)):
             self.refresh()
             row = db.get(con, job_id)
         return row

@@ -228,7 +228,7 @@ def test_refresh_saves_what_slurm_says_and_a_job_that_never_reached_slurm_is_los
                    "terminated": False, "started_at": 100.0, "node": "node1", "gpus": "0,1"}, f)
     out.write_text("41|41|N/A|FAILED|NonZeroExitCode|node1|2026-11-29T23:30:06|N/A|u|rtrain-1\n")
     assert backend.job_row(ran)["state"] == "running"  # asked a moment ago: not again yet
-    backend.asked_at -= 1.0  # its exit record is there: Slurm is asked at once (after 0.5 s)
+    backend.asked_at -= 1.0  # its exit record is there: Slurm is asked at once (0.25 s apart)
     row = backend.job_row(ran)
     assert (row["state"], row["exit_code"], row["message"], row["ended_at"]) == ("failed", 3, "exit 3", 105.0)
     assert len((bin_dir / "calls").read_text().splitlines()) == 2  # one squeue per look
