@@ -22,6 +22,7 @@ import threading
 import time
 
 from . import sshcommon as sc
+from .agent import fsutil
 from .errors import HostError
 from .sshproc import MARKER, SshProcess
 from .transport import Transport, local_home
@@ -161,7 +162,7 @@ class OpenSSHTransport(Transport):
         h = hashlib.sha256(text.encode()).hexdigest()[:16]
         path = os.path.join(self.dir, "config-%s" % h)
         if not os.path.exists(path):
-            _write(path, text)
+            fsutil.write_private(path, text)
         # the master does not depend on accept-new (it matters only while connecting)
         ident = "\0".join([self.ssh, self._config_text("yes"), self.dest] + self.target)
         return path, hashlib.sha256(ident.encode()).hexdigest()[:16]
@@ -215,7 +216,7 @@ class OpenSSHTransport(Transport):
             return
         self._stamped = True
         try:
-            _write(self.control_path + ".t", "%f %f\n" % (time.time(), time.monotonic()))
+            fsutil.write_private(self.control_path + ".t", "%f %f\n" % (time.time(), time.monotonic()))
         except OSError:
             pass
 
@@ -332,15 +333,6 @@ class OpenSSHTransport(Transport):
         up = self.master_up()
         return {"transport": "openssh", "sharing": self.sharing, "persist": self.persist,
                 "shared_up": up, "control_path": self.control_path}
-
-
-def _write(path, text):
-    """Atomically, mode 0600."""
-    tmp = "%s.tmp%d" % (path, os.getpid())
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def close_master(ssh, path):

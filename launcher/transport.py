@@ -67,10 +67,7 @@ class _Popen(AgentProcess):
         self._p.stdin.flush()
 
     def close_stdin(self):
-        try:
-            self._p.stdin.close()
-        except OSError:
-            pass
+        close_stream(self._p.stdin)
 
     def readline(self):
         return self._p.stdout.readline()
@@ -132,3 +129,11 @@ class LocalTransport(Transport):
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             env=full_env)
         return _Popen(p)
+
+
+def close_stream(stream):
+    """Close a pipe to a process that may be gone already."""
+    try:
+        stream.close()
+    except OSError:
+        pass
