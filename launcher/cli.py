@@ -116,6 +116,34 @@ def build_parser():
     a.add_argument("--command", help="the command that stops the host (default: hosts.yaml's)")
     a.add_argument("--cancel", action="store_true", help="turn autostop off on this host")
 
+    fw = verb("forward", help="reach a running job's port from here (127.0.0.1)",
+              description="Forward 127.0.0.1:LOCAL_PORT here to port PORT of a running job's host, "
+                          "over its SSH connection, until Ctrl-C.")
+    fw.add_argument("job")
+    fw.add_argument("port", type=int, help="the port the job listens on (on 127.0.0.1 of its host)")
+    fw.add_argument("local_port", type=int, nargs="?", help="the port here (default: the same, if free)")
+
+    sh = verb("shell", help="a shell on the host, in a job's work dir with its environment",
+              description="An interactive shell on the host: in JOB's work dir with its environment "
+                          "(and its GPUs while it runs), or, without JOB, a login shell there.")
+    sh.add_argument("job", nargs="?")
+    sh.add_argument("--host", help="without JOB: this host (default: the default host)")
+
+    jp = verb("jupyter", help="JupyterLab as a job on leased GPUs, its port forwarded here",
+              description="Start JupyterLab as a job (in the project's environment, on --gpus GPUs), "
+                          "forward its port and print its URL; Ctrl-C asks whether to stop it.")
+    jp.add_argument("--gpus", type=int, default=0, metavar="N", help="GPUs to lease for it (default 0)")
+    jp.add_argument("--host", help="host from hosts.yaml")
+    jp.add_argument("--open", action="store_true", help="open the URL in a browser")
+    jp.add_argument("--command", help="the server to start instead (it must print its URL)")
+    jp.add_argument("-C", "--dir", default=".", help="project directory to sync (default: .)")
+
+    tb = verb("tensorboard", help="TensorBoard on a job's outputs, its port forwarded here")
+    tb.add_argument("job")
+    tb.add_argument("--open", action="store_true", help="open the URL in a browser")
+    tb.add_argument("--command", help="the server to start instead (it must print its URL)")
+    tb.add_argument("-C", "--dir", default=".", help="project directory to sync (default: .)")
+
     g = verb("gpus", help="GPUs of every host: free, busy or unknown, and who holds them")
     g.add_argument("--host")
     g.add_argument("--json", action="store_true")

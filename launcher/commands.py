@@ -238,6 +238,13 @@ def cmd_autostop(args, session_factory):
     return 0
 
 
+def _live():
+    from . import commands_live as live
+    return {"forward": live.cmd_forward, "shell": live.cmd_shell, "jupyter": live.cmd_jupyter,
+            "tensorboard": live.cmd_tensorboard}
+
+
 HANDLERS = {"submit": cmd_submit, "status": cmd_status, "logs": cmd_logs, "cancel": cmd_cancel,
             "pull": cmd_pull, "hosts": cmd_hosts, "gpus": cmd_gpus, "init": cmd_init,
             "prune": cmd_prune, "autostop": cmd_autostop}
+HANDLERS.update(_live())

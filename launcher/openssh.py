@@ -244,6 +244,26 @@ class OpenSSHTransport(Transport):
             p.kill()
         return SshProcess(self, "echo %s && exec %s" % (MARKER.decode(), sc.command_line(argv, env)))
 
+    def forward(self, remote_port, local_port=None):
+        """Ask the shared connection to forward (`ssh -O forward -L`; `-O cancel` at close);
+        without sharing, an `ssh -N -L` of its own."""
+        from .forward import free_port
+        port = free_port(local_port or remote_port)
+        spec = "127.0.0.1:%d:127.0.0.1:%d" % (port, int(remote_port))
+        if self.master_up():
+            cp = self.control_path.replace("%", "%%")
+            base = [self.ssh, "-F", self.config_file, "-o", "ControlPath=" + cp] + self.target
+            p = subprocess.run(base + ["-O", "forward", "-L", spec, "--", self.dest], stdin=subprocess.DEVNULL,
+                               capture_output=True, text=True, timeout=float(self.cfg.connect_timeout) + 10)
+            if p.returncode == 0:
+                return _MasterForward(base + ["-O", "cancel", "-L", spec, "--", self.dest], port)
+        proc = subprocess.Popen(self.argv(direct=True, extra=["-N", "-o", "ExitOnForwardFailure=yes", "-L", spec]),
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        return _ProcessForward(proc, port, self.name)
+
+    def interactive(self, argv):
+        return subprocess.call(self.argv(sc.command_line(argv), extra=["-t"]))
+
     def close(self):
         """End this command's ssh children; the shared connection stays for the next command."""
         with self._lock:
@@ -333,6 +353,42 @@ class OpenSSHTransport(Transport):
         up = self.master_up()
         return {"transport": "openssh", "sharing": self.sharing, "persist": self.persist,
                 "shared_up": up, "control_path": self.control_path}
+
+
+class _MasterForward:
+    def __init__(self, cancel, port):
+        self.cancel = cancel
+        self.local_port = port
+
+    def close(self):
+        subprocess.run(self.cancel, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, timeout=30)
+
+
+class _ProcessForward:
+    """An `ssh -N -L` of its own: ready once the local port answers (or it failed)."""
+
+    def __init__(self, proc, port, host):
+        self.proc = proc
+        self.local_port = port
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                err = proc.stderr.read().decode("utf-8", "replace").strip()
+                raise HostError(host, "cannot forward port %d: %s" % (port, err.splitlines()[-1] if err else
+                                                                       "ssh exit %d" % proc.returncode))
+            try:
+                socket.create_connection(("127.0.0.1", port), 0.2).close()
+                return
+            except OSError:
+                time.sleep(0.1)
+
+    def close(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
 
 
 def close_master(ssh, path):
