@@ -32,6 +32,8 @@ HOST_KEYS = {
     "gpu_util_busy": "a GPU at or below this utilization (percent) counts as idle (default 5)",
     "price_per_gpu_hour": "what one GPU-hour costs on this host (status and usage show costs)",
     "compare_price": "a GPU-hour's price elsewhere (a cloud's), that usage compares with",
+    "container_engine": "docker or podman: what runs container jobs (--image, image: in rtrain.yaml); "
+                        "default: podman where you can run it rootless, else docker",
 }
 TOP_KEYS = ("default", "hosts")
 
@@ -62,6 +64,7 @@ class Host:
     gpu_util_busy: float = 5
     price_per_gpu_hour: Optional[float] = None
     compare_price: Optional[float] = None
+    container_engine: Optional[str] = None
 
 
 LOCAL = Host(name="local")
@@ -247,6 +250,10 @@ def _host(path, name, line, node):
             bad("env", "a mapping of NAME: value")
         kw["env"] = tuple((k, "" if v is None else str(v)) for k, v in e.items())
     _watch_keys(data, bad, kw)
+    if "container_engine" in data:
+        if data["container_engine"] not in ("docker", "podman"):
+            bad("container_engine", "docker or podman")
+        kw["container_engine"] = data["container_engine"]
     return Host(**kw)
 
 

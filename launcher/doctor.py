@@ -2,6 +2,7 @@
 disk), and say what to fix."""
 import time
 
+from . import containercheck
 from . import hosts as hostsmod
 from .errors import HostError, RtrainError
 
@@ -16,7 +17,8 @@ def doctor(session, host=None):
         out = []
         t0 = time.monotonic()
         try:
-            hello = c.call("hello", {"settings": c.settings(), "autostop": h.autostop})
+            hello = c.call("hello", {"settings": c.settings(), "autostop": h.autostop,
+                                     "containers": {"engine": h.container_engine}})
         except HostError as e:
             kind = "ssh" if h.kind == "ssh" else "agent"
             if e.check and h.kind == "ssh":  # ssh itself worked: say which part failed
@@ -53,6 +55,7 @@ def doctor(session, host=None):
                         g["lock_dir"]), "fix": ""})
         except RtrainError as e:
             out.append({"name": "nvidia-smi", "ok": False, "detail": e.message, "fix": e.hint})
+        out += containercheck.checks(hello.get("containers"), h.container_engine is not None)
         free = hello.get("disk_free")
         writable = bool(hello.get("home_writable"))
         # not writable: nothing works; under 1 GiB free: works until a snapshot or log fills it

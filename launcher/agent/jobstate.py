@@ -5,7 +5,7 @@ import os
 import signal
 import time
 
-from . import db, fsutil, notify, runner, workdirs
+from . import db, fsutil, jobcontainer, notify, runner, workdirs
 
 
 def finalize_exited(con, home):
@@ -85,6 +85,7 @@ def reconcile(con, home):
             _finish(con, home, row["id"], ex)
             continue
         _lose(con, home, row)
+    jobcontainer.sweep(con, home)  # containers left without their job (at most once per boot and hour)
 
 
 def _adopt_or_requeue(con, home, row):
@@ -109,6 +110,7 @@ def _adopt_or_requeue(con, home, row):
 
 
 def _lose(con, home, row):
+    jobcontainer.stop_left(home, row)  # a container job's container goes first (its leases with it)
     # The wrapper is gone. If its process group outlived it (same boot, same start time), end it.
     pids = runner.read_pids(home, row["id"])
     if pids.get("pgid") and pids.get("boot_id") == fsutil.boot_id() and \

@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 
 import containers as ct
+from launcher.agent import containerhost as H
 from launcher.agent import containers as C
 from launcher.agent import paths, runner
-from support import USER_TAG, need
+from support import need
 
 
 PATH = "/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin"
@@ -192,7 +193,7 @@ def test_cpu_job_exit_code_log_and_env(engine, job_factory):
     assert "out\n" in log and "err\n" in log and "py ok\n" in log
     assert "cwd=%s id=%d job=7 cvd=[] tok=s3cret=x\n" % (job.work(), uid) in log, log
     # the container is gone once the job has ended
-    assert engine.call(C.engine_is_running, job.name()) is False
+    assert engine.call(H.engine_is_running, job.name()) is False
 
 
 def test_files_the_job_writes_are_the_users(engine, job_factory):
@@ -249,30 +250,6 @@ def test_docker_gpu_job_without_the_toolkit_fails_at_once_saying_what_to_install
     assert raw.returncode == 125 and "could not select device driver" in raw.stderr, raw.stderr
 
 
-@pytest.fixture
-def cdi_gpus(podman):
-    """Two fake GPUs for podman through a test CDI spec: each maps a device node (a copy of
-    /dev/null under a test-only name) and says its UUID in the environment. Podman 4.3 reads
-    specs only from /etc/cdi and /var/run/cdi (no cdi_spec_dirs), so the spec goes to the
-    latter under a name of this run, and is removed after."""
-    tag = "%s%d" % (USER_TAG, os.getpid())
-    uuids = ["GPU-fa4e%04x-0000-4000-8000-%012d" % (os.getpid() & 0xffff, i) for i in range(2)]
-    nodes = ["/dev/rtrain-test-gpu-%s-%d" % (tag, i) for i in range(2)]
-    for n in nodes:
-        subprocess.run(["mknod", "-m", "0666", n, "c", "1", "3"], check=True)
-    spec = {"cdiVersion": "0.5.0", "kind": "nvidia.com/gpu",
-            "devices": [{"name": u, "containerEdits": {"deviceNodes": [{"path": n}],
-                                                      "env": ["RTRAIN_TEST_GPU_%d=%s" % (i, u)]}}
-                        for i, (u, n) in enumerate(zip(uuids, nodes))]}
-    os.makedirs("/var/run/cdi", exist_ok=True)
-    path = Path("/var/run/cdi/rtrain-test-%s.json" % tag)
-    path.write_text(json.dumps(spec))
-    yield uuids, nodes
-    path.unlink()
-    for n in nodes:
-        os.unlink(n)
-
-
 def test_podman_gpu_job_runs_with_its_cdi_devices(podman_engine, job_factory, cdi_gpus):
     uuids, nodes = cdi_gpus
     job = job_factory(podman_engine)
@@ -311,9 +288,9 @@ def test_cancel_stops_the_container_within_grace(engine, job_factory, command, w
     while "started" not in job.log() and time.time() < deadline:
         time.sleep(0.02)
     assert "started" in job.log(), job.log()
-    found = engine.call(C.engine_list, job.home.root)
+    found = engine.call(H.engine_list, job.home.root)
     assert found == {job.id: job.name()}
-    assert engine.call(C.engine_is_running, job.name()) is True
+    assert engine.call(H.engine_is_running, job.name()) is True
     t0 = time.time()
     os.kill(job.pid, signal.SIGTERM)  # what `rtrain cancel` does to a running job's wrapper
     ex = job.wait()
@@ -322,8 +299,8 @@ def test_cancel_stops_the_container_within_grace(engine, job_factory, command, w
     assert took < (within or grace + 1), (took, job.log())
     if within is None:
         assert took >= grace - 0.5 and "got TERM" in job.log()  # it had its grace period
-    assert engine.call(C.engine_is_running, job.name()) is False
-    assert engine.call(C.engine_list, job.home.root) == {}
+    assert engine.call(H.engine_is_running, job.name()) is False
+    assert engine.call(H.engine_list, job.home.root) == {}
 
 
 def test_engine_stop_helper(engine, job_factory):
@@ -333,7 +310,7 @@ def test_engine_stop_helper(engine, job_factory):
     while "started" not in job.log() and time.time() < deadline:
         time.sleep(0.02)
     t0 = time.time()
-    assert engine.call(C.engine_stop, job.name(), 5) is True
+    assert engine.call(H.engine_stop, job.name(), 5) is True
     assert time.time() - t0 < 3
     ex = job.wait()
     assert ex["exit_code"] == 143 or ex["exit_code"] == 128 + 15, (ex, job.log())
