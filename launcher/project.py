@@ -306,6 +306,11 @@ setup: pip install -r requirements.txt
 # venv: ~/venvs/torch         # or run in an existing venv / conda env instead
 # conda_env: torch
 
+# Or run the jobs in a container (docker or podman on the host) instead of an environment:
+# image: nvcr.io/nvidia/pytorch:24.05-py3
+# build: Dockerfile           # or an image built on the host from this Dockerfile, once per content
+# container: {network: host, shm_size: 8g}
+
 # Variables for the jobs: $VAR and ${VAR} expand on the host, $$ is a literal $.
 # env:
 #   PATH: /opt/cuda/bin:$PATH
