@@ -67,7 +67,12 @@ class AgentClient:
             return fn()
         except _AgentMissing:
             self._ship()
+        try:
             return fn()
+        except _AgentMissing:
+            raise HostError(self.name, "the agent shipped to %s is still not found there, or not "
+                            "whole" % self._path, "check RTRAIN_HOME there (`home:` in hosts.yaml) "
+                            "and the disk; `rtrain hosts` checks them", check="home")
 
     def prestart(self, verb):
         """Start the agent for `verb` now, in the background: connecting, the exec and Python's
@@ -103,7 +108,9 @@ class AgentClient:
     def _argv(self, verb):
         # -S: no site-packages. The agent needs the standard library only, and `site` (every
         # .pth file of the host's Python, conda's above all) costs 20-30 ms or more per call.
-        return [self.transport.python, "-S", self.agent_path(), verb]
+        # The fixed bootstrap checks the path and the agent's full hash before it runs it
+        # (agentboot.py): a planted agent file never runs.
+        return agentpkg.boot_argv(self.transport.python, self.agent_path(), verb)
 
     def _start(self, verb, req):
         proc = self._take_prestarted(verb)
@@ -129,7 +136,7 @@ class AgentClient:
                 err = proc.stderr().strip()
             except Exception:  # noqa: BLE001 - the write's error stands
                 raise e
-            if self._unverified and _missing_signature(rc, err):
+            if _missing_signature(rc, err, self._unverified):
                 raise _AgentMissing()
             if rc is not None and rc >= 0:
                 raise self._no_reply(rc, err, verb)
@@ -232,7 +239,7 @@ class AgentClient:
         if not line:
             rc = proc.wait()
             err = proc.stderr().strip()
-            if self._unverified and _missing_signature(rc, err):
+            if _missing_signature(rc, err, self._unverified):
                 raise _AgentMissing()
             raise self._no_reply(rc, err, verb)
         try:
@@ -250,6 +257,9 @@ class AgentClient:
                 raise HostError(self.name, e.get("message") or "%s on the host is older than 3.8" % (
                     self.transport.python), "rtrain needs Python >= 3.8 there; set `python:` for this "
                     "host in hosts.yaml to one", check="python", permanent=True)
+            if e.get("code") == "unsafe_home":  # agentboot.py, agentpkg._MAIN: nothing ran
+                raise HostError(self.name, e.get("message") or "unsafe home", e.get("hint", ""),
+                                check="home", permanent=True)
             raise AgentReplyError(self.name, e.get("code", "error"), e.get("message", "agent error"),
                                   e.get("hint", ""), e.get("data"))
         return reply.get("result")
@@ -291,7 +301,11 @@ def _readline_quietly(proc):
         return b""
 
 
-def _missing_signature(rc, err):
-    # python3 names a script it cannot find like this (3.8 to 3.13), and exits with 2
-    return rc == 2 and "can't open file" in err and "agent-" in err
+def _missing_signature(rc, err, unverified=True):
+    """The agent is not on the host: the bootstrap (agentboot.py) says so, exit 2, as python3
+    does for a script it cannot find. Where the path was checked when it was named (shipped
+    already), only a file the bootstrap found wrong (and removed) counts."""
+    if rc != 2 or "can't open file" not in err or "agent-" not in err:
+        return False
+    return unverified or "rtrain-agent-missing:" in err
 

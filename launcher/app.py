@@ -56,6 +56,7 @@ def cancel(session, ref):
     res = session.client(host).call("cancel", {"id": n})
     out = session.decorate(host, res["job"])
     out["was"] = res["was"]
+    out["ended_leftovers"] = res.get("ended_leftovers", 0)
     return out
 
 

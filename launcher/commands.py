@@ -16,6 +16,9 @@ def _parse_env(pairs):
             raise RtrainError("--env %r is not K=V" % p, "write it as --env NAME=value")
         k, v = p.split("=", 1)
         env[k] = v
+    from .agent.settings import env_problem
+    if env_problem(env):
+        raise RtrainError("--env: %s" % env_problem(env), "write it as --env NAME=value")
     return env
 
 
@@ -143,7 +146,9 @@ def cmd_cancel(args, session_factory):
             if job["was"] in ("queued", "running"):
                 print("cancelled job %s (%s, was %s)" % (job["id"], job["state"], job["was"]))
             else:
-                print("job %s had already ended (%s)" % (job["id"], job["state"]))
+                print("job %s had already ended (%s)%s" % (job["id"], job["state"], (
+                    "; ended %d process(es) it had left running" % job["ended_leftovers"])
+                    if job.get("ended_leftovers") else ""))
     return code
 
 

@@ -249,6 +249,9 @@ def _host(path, name, line, node):
         if not isinstance(e, dict) or not all(isinstance(k, str) for k in e):
             bad("env", "a mapping of NAME: value")
         kw["env"] = tuple((k, "" if v is None else str(v)) for k, v in e.items())
+        from .agent.settings import env_problem
+        if env_problem(dict(kw["env"])):
+            bad("env", "a mapping of NAME: value (%s)" % env_problem(dict(kw["env"])))
     _watch_keys(data, bad, kw)
     if "container_engine" in data:
         if data["container_engine"] not in ("docker", "podman"):

@@ -56,6 +56,7 @@ def doctor(session, host=None):
         except RtrainError as e:
             out.append({"name": "nvidia-smi", "ok": False, "detail": e.message, "fix": e.hint})
         out += containercheck.checks(hello.get("containers"), h.container_engine is not None)
+        out += _home_checks(hello)
         free = hello.get("disk_free")
         writable = bool(hello.get("home_writable"))
         # not writable: nothing works; under 1 GiB free: works until a snapshot or log fills it
@@ -104,3 +105,21 @@ def _duration(s):
     if s < 7200:
         return "%d min" % round(s / 60.0)
     return "%dh%02d" % (s // 3600, s % 3600 // 60)
+
+
+def _home_checks(hello):
+    """The job database, and whether logind ends the user's jobs at logout (logind.py)."""
+    out = []
+    if hello.get("database"):
+        out.append({"name": "database", "ok": False, "detail": hello["database"]["message"],
+                    "fix": hello["database"]["hint"]})
+    logind = hello.get("logind") or {}
+    if logind.get("kill_user_processes") and not logind.get("linger"):
+        out.append({"name": "logind", "ok": False, "detail": "logind ends your processes when you "
+                    "log out (KillUserProcesses=yes) and %s does not linger: jobs would die with "
+                    "the ssh session" % hello.get("user", "you"),
+                    "fix": "loginctl enable-linger %s (or ask an admin to)" % hello.get("user", "$USER")})
+    elif logind.get("kill_user_processes"):
+        out.append({"name": "logind", "ok": True, "detail": "KillUserProcesses=yes, but you linger: "
+                    "jobs run in your user manager's scope", "fix": ""})
+    return out

@@ -5,6 +5,16 @@ import os
 DEFAULT_CACHE = os.path.join("~", ".cache", "rtrain", "hashes.sqlite")
 
 
+def _key(path):
+    """The path as SQLite can hold it: a name that is not valid UTF-8 (kept by Python as
+    surrogates) has its odd bytes written as \\xNN."""
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def default_cache_path():
     base = os.environ.get("XDG_CACHE_HOME")
     if base:
@@ -42,7 +52,8 @@ class HashCache(object):
 
     @staticmethod
     def _range(root):
-        return root.rstrip("/") + "/", root.rstrip("/") + "0"  # '0' sorts right after '/'
+        root = _key(root).rstrip("/")
+        return root + "/", root + "0"  # '0' sorts right after '/'
 
     def load(self, root):
         """Read every row below root into memory."""
@@ -57,19 +68,20 @@ class HashCache(object):
 
     def get(self, path, st):
         if self.loaded:
-            row = self.rows.get(path)
+            row = self.rows.get(_key(path))
         else:
             row = self.con.execute("SELECT size, mtime_ns, inode, sha256 FROM hashes WHERE path=?",
-                                   (path,)).fetchone()
+                                   (_key(path),)).fetchone()
         if row and row[0] == st.st_size and row[1] == st.st_mtime_ns and row[2] == st.st_ino:
             return row[3]
         return None
 
     def put(self, path, st, h):
-        self.new.append((path, st.st_size, st.st_mtime_ns, st.st_ino, h))
+        self.new.append((_key(path), st.st_size, st.st_mtime_ns, st.st_ino, h))
 
     def prune(self, root, seen):
         """Forget files below root that are no longer in the tree."""
+        seen = {_key(p) for p in seen}
         if self.loaded:
             gone = [(p,) for p in self.rows if p not in seen]
         else:

@@ -6,7 +6,7 @@ import time
 JOB_JSON_KEYS = ("id", "host", "name", "state", "gpus", "exit_code", "signal", "submitted_at",
                  "started_at", "ended_at", "command", "priority", "retries", "attempts",
                  "git_commit", "git_dirty", "log", "work_dir", "message", "gpus_requested",
-                 "gpu_hours", "cost")
+                 "gpu_hours", "cost", "leftovers")
 
 STATE_STYLE = {"queued": "yellow", "running": "cyan", "succeeded": "green", "failed": "red",
                "cancelled": "magenta", "lost": "red"}
@@ -118,6 +118,8 @@ def job_detail(job):
                                   ", cost %.2f" % job["cost"])),
         ("log", job.get("log") or "-"), ("work dir", job.get("work_dir") or "-"),
     ]
+    if job.get("leftovers"):  # it ended, but processes it daemonized still run (and hold its GPUs)
+        rows.append(("left running", "%s (`rtrain cancel %s` ends them)" % (job["leftovers"], job["id"])))
     w = max(len(k) for k, _ in rows)
     for k, v in rows:
         # values are the user's text (name, command, message) or the host's: never markup

@@ -113,6 +113,7 @@ def _recover(session, host, req, err, events, sleep):
     agent queues nothing for a client that went away), and the user is told to check."""
     lookup = {"token": req["token"], "lookup": True}
     last = err
+    pending = False  # the last answer: an agent there still works on the submit
     for attempt in range(1, SUBMIT_RETRIES + 1):
         delay = SUBMIT_RETRY_DELAY_S * (2 ** (attempt - 1))
         events("retry", {"attempt": attempt, "of": SUBMIT_RETRIES, "error": last, "delay": delay})
@@ -121,20 +122,28 @@ def _recover(session, host, req, err, events, sleep):
         try:
             res = session.client(host).call("submit", lookup)
         except AgentReplyError as e:
+            if e.code == "still_pending":  # e.g. waiting for the job database's lock
+                pending, last = True, e
+                continue
             if e.code != "not_queued":
                 raise
+            # final: no agent works on it any more, and none queued it
             raise HostError(host, "the connection dropped before the host answered (%s); the host "
-                            "holds no job from this submit, so it was most likely not queued" % err.detail,
-                            "check with `rtrain status`, and submit again if the job is not there")
+                            "queued no job from this submit" % err.detail, "submit again")
         except HostError as e:
             if e.permanent:
                 raise
-            last = e
+            pending, last = False, e
             continue
         if res.get("duplicate"):
             return res
         raise HostError(host, "the host queued a second job (%s) when asked about the first" % (
             res["job"]["id"]), "check with `rtrain status` and cancel the one you do not want")
+    if pending:
+        raise HostError(host, "no answer from the host in time (%s); an agent there is still "
+                        "working on this submit (its job database is busy), so the job may still "
+                        "be queued" % err.detail, "check with `rtrain status` in a minute (not by "
+                        "submitting again, which could queue it twice)")
     raise HostError(host, "connection lost after the job was sent (%s); the job may or may not "
                     "be queued" % last.detail, "check with `rtrain status` (not by submitting "
                     "again, which could queue it twice) once the host can be reached")

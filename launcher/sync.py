@@ -1,12 +1,13 @@
 """Client side of a sync: the manifest of a tree (its files' hashes, through a local cache),
 and the blob stream for the ones the host lacks (docs/contracts.md; docs/design.md
 "Snapshots"). Which files: selection.py."""
+import errno
 import hashlib
 import os
 import stat
 from concurrent.futures import ThreadPoolExecutor
 
-from .agent.manifest import target_inside
+from .agent.manifest import escaping_links, target_inside
 from .errors import SyncError
 from .hashcache import HashCache, default_cache_path
 from .selection import GitStatus, in_git_work_tree, select
@@ -14,11 +15,16 @@ from .selection import GitStatus, in_git_work_tree, select
 _CHUNK = 1 << 20
 
 
-def _hash_file(path):
-    """sha256 hex of a file's bytes (never through a symlink). Tests count calls to this."""
+def _hash_file(path, expect=None):
+    """sha256 hex of a file's bytes (never through a symlink; with `expect`, an lstat, only
+    if the file opened is that very file). Tests count calls to this."""
     h = hashlib.sha256()
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
     with os.fdopen(fd, "rb") as f:
+        if expect is not None:
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) != (expect.st_dev, expect.st_ino) or not stat.S_ISREG(st.st_mode):
+                raise OSError(errno.ESTALE, "it was replaced while it was read")
         while True:
             buf = f.read(_CHUNK)
             if not buf:
@@ -48,12 +54,45 @@ def _symlink_entry(root, real_root, rel, full, warnings):
 def _hash_stable(full, rel, st):
     """(sha256, lstat) of a file that did not change while it was read."""
     for _ in range(3):
-        h = _hash_file(full)
-        st2 = os.lstat(full)
+        try:
+            h = _hash_file(full, st)
+            st2 = os.lstat(full)
+        except OSError as e:  # replaced by a folder, its folder by a file, gone...
+            raise _changed(rel, e)
         if _same(st, st2):
             return h, st
+        if not stat.S_ISREG(st2.st_mode):
+            raise _changed(rel, OSError(errno.ESTALE, "it is no longer a file"))
         st = st2  # changed while we read it: again
     raise SyncError("%s keeps changing while it is read; try again once it is written" % rel)
+
+
+def _changed(rel, e):
+    return SyncError("%s changed while submit read the tree (%s)" % (rel, e.strerror or e),
+                     "submit again once the tree holds still")
+
+
+def _real_dirs(root, rel, seen, warnings):
+    """True if every folder on the way to rel is a real folder (never a symlink to one: the
+    client never reads through one, docs/design.md "Snapshots"), each looked at once."""
+    parts = rel.split("/")
+    cur = ""
+    for p in parts[:-1]:
+        cur = cur + "/" + p if cur else p
+        ok = seen.get(cur)
+        if ok is None:
+            try:
+                st = os.lstat(os.path.join(root, cur))
+                ok = stat.S_ISDIR(st.st_mode)
+                why = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a folder"
+            except OSError as e:
+                ok, why = False, e.strerror or str(e)
+            seen[cur] = ok
+            if not ok:
+                warnings.append("skipped what git lists under %s: it is %s now" % (cur, why))
+        if not ok:
+            return False
+    return True
 
 
 _HASH_THREADS_BYTES = 64 << 20  # bytes to hash before a few threads share the work
@@ -88,16 +127,21 @@ def build_manifest(root, cache_path=None, extra=()):
         total = 0
         seen = set()
         todo = []  # (index in entries, full path, rel, lstat) of files the cache cannot answer
+        dirs = {}  # folder -> a real folder (not a symlink)
         try:
             cache.load(root)
             for rel in paths:
                 full = os.path.join(root, rel)
+                if "/" in rel and not _real_dirs(root, rel, dirs, warnings):
+                    continue
                 st = stats.get(rel)
                 if st is None:
                     try:
                         st = os.lstat(full)
                     except (FileNotFoundError, NotADirectoryError):
                         continue  # vanished since it was listed
+                    except OSError as e:
+                        raise _changed(rel, e)
                 if stat.S_ISLNK(st.st_mode):
                     e = _symlink_entry(root, real_root, rel, full, warnings)
                     if e is not None:
@@ -118,6 +162,7 @@ def build_manifest(root, cache_path=None, extra=()):
                     e = entries[i]
                     e["hash"], e["size"], e["exec"] = h, st.st_size, bool(st.st_mode & 0o111)
                     cache.put(full, st, h)
+            entries = _drop_escaping_links(entries, warnings)
             total = sum(e["size"] for e in entries if e["type"] == "file")
             cache.prune(root, seen)
         finally:
@@ -128,6 +173,20 @@ def build_manifest(root, cache_path=None, extra=()):
         if status is not None:
             status.cancel()
     return {"entries": entries, "git": git, "warnings": warnings, "total_size": total}
+
+
+def _drop_escaping_links(entries, warnings):
+    """Symlinks that, each inside the tree, lead out of it together (a -> b/.. where b -> ..):
+    the host refuses them (agent/manifest.py), so they are not sent."""
+    while True:
+        bad = set(escaping_links(entries))
+        if not bad:
+            return entries
+        for e in entries:
+            if e["path"] in bad:
+                warnings.append("skipped symlink %s -> %s: through other symlinks it leads "
+                                "outside the tree (or loops)" % (e["path"], e["target"]))
+        entries = [e for e in entries if e["path"] not in bad]
 
 
 def largest_files(manifest, n=10):

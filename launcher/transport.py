@@ -107,15 +107,20 @@ class LocalTransport(Transport):
         return self.home
 
     def ensure_agent(self, blob, digest):
+        """The agent file, written (0600) if it is not there; the bootstrap checks its bytes
+        on every call and removes it if they are wrong (agentboot.py)."""
         d = os.path.join(self.home, "agent")
         path = os.path.join(d, "agent-%s.pyz" % digest[:16])
-        if not os.path.exists(path):
+        if os.path.exists(path):
+            return path
+        if not os.path.isdir(d):
             os.makedirs(d, mode=0o700, exist_ok=True)
             os.chmod(self.home, 0o700)
-            tmp = "%s.tmp%d" % (path, os.getpid())
-            with open(tmp, "wb") as f:
-                f.write(blob)
-            os.replace(tmp, path)
+        tmp = "%s.tmp%d" % (path, os.getpid())
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(blob)
+        os.replace(tmp, path)
         return path
 
     def start(self, argv, env=None):

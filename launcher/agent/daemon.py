@@ -9,7 +9,6 @@ The daemon started by one agent build is replaced when another build pokes it (a
 upgrade, or two laptops with different versions): the lock file names the argv it was started
 with, and poke() asks a daemon of another build to finish its pass and go.
 """
-import fcntl
 import json
 import os
 import select
@@ -19,11 +18,12 @@ import sys
 import time
 import traceback
 
-from . import db, fsutil, jobcontainer, leases, runner, store
+from . import db, fsutil, jobcontainer, jobprocs, leases, logind, runner, store
 from .jobstate import append_log, reconcile
 from .scheduler import Scheduler
 
 IDLE_EXIT_S = float(os.environ.get("RTRAIN_DAEMON_IDLE_S", "600"))
+OTHERS_WAKE_GAP_S = 0.05
 
 
 # ---------------------------------------------------------------- waking the daemon
@@ -48,17 +48,7 @@ def poke(home, spawn_argv=None):
 
 def running(home):
     """True if a daemon holds the lock for this home."""
-    try:
-        fd = os.open(home.daemon_lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
-    except OSError:
-        return True
-    finally:
-        os.close(fd)
+    return fsutil.flock_held(home.daemon_lock, create=True)
 
 
 def daemon_info(home):
@@ -89,11 +79,17 @@ def spawn(home, argv):
     try:
         p = subprocess.Popen(list(argv) + ["daemon"], stdin=subprocess.PIPE, stdout=log, stderr=log,
                              start_new_session=True, close_fds=True,
-                             env=dict(os.environ, RTRAIN_HOME=home.root))
+                             env=_daemon_env(home))
         p.stdin.write(json.dumps({"home": home.root}).encode() + b"\n")
         p.stdin.close()
     finally:
         os.close(log)
+
+
+def _daemon_env(home):
+    env = dict(os.environ, RTRAIN_HOME=home.root)
+    env.pop(jobprocs.TAG_VAR, None)  # started from inside a job: the daemon is not that job's
+    return env
 
 
 # ---------------------------------------------------------------- the daemon
@@ -109,6 +105,8 @@ class Daemon(Scheduler):
 
     def serve(self):
         """The daemon's loop. Returns when idle for IDLE_EXIT_S, or at once if another daemon runs."""
+        if self._moved_into_scope():
+            return 0
         lock = os.open(self.home.daemon_lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         if not _lock_soon(lock):
             os.close(lock)
@@ -130,6 +128,7 @@ class Daemon(Scheduler):
                 pass
 
         rfd = keep = None
+        others_woke = 0.0
         try:
             while True:
                 if rfd is None:
@@ -177,10 +176,46 @@ class Daemon(Scheduler):
                 ready, _, _ = select.select(fds, [], [], timeout)
                 for fd in ready:
                     _drain(fd)
+                if ready and rfd not in ready:
+                    # woken through the shared lock dir alone, which anyone can write to: a
+                    # flood of such wake-ups must not turn into a busy loop (the first is
+                    # served at once)
+                    now = time.monotonic()
+                    if now - others_woke < OTHERS_WAKE_GAP_S:
+                        time.sleep(OTHERS_WAKE_GAP_S - (now - others_woke))
+                    others_woke = time.monotonic()
         finally:
             if rfd is not None:
                 self._close_fifo(rfd, keep)
             self._stop_listening()
+
+    def _moved_into_scope(self):
+        """Start this daemon again in a scope of the user's systemd manager, out of the ssh
+        session logind may end (logind.py), and leave the lock to it: True once it holds it.
+        False where there is no user manager, or it could not be done: this one serves."""
+        argv = logind.scope_argv(list(self.agent_argv) + ["daemon"],
+                                 "rtrain-daemon-" + jobprocs.tag(self.home.root, os.getpid()))
+        if argv is None:
+            return False
+        try:
+            p = subprocess.Popen(argv, stdin=subprocess.PIPE, close_fds=True,
+                                 env=dict(_daemon_env(self.home), **{logind.IN_SCOPE_VAR: "1"}))
+            p.stdin.write(json.dumps({"home": self.home.root}).encode() + b"\n")
+            p.stdin.close()
+        except OSError:
+            return False
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if p.poll() is not None:
+                if p.returncode == 0:
+                    return True  # it served and is done already
+                sys.stderr.write("rtrain: could not start the daemon in a systemd user scope "
+                                 "(%s exited %d); it runs in the ssh session\n" % (argv[0], p.returncode))
+                return False
+            if running(self.home):
+                return True
+            time.sleep(0.02)
+        return False
 
     def _close_fifo(self, rfd, keep):
         for fd in (rfd, keep):

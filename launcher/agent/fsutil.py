@@ -1,6 +1,7 @@
 """Small file helpers: atomic JSON writes, process liveness without pid-reuse mistakes, FIFO
 wake-ups."""
 import errno
+import fcntl
 import json
 import os
 import stat
@@ -105,6 +106,23 @@ def poke_fifo(path):
             os.write(fd, b"x")
         except OSError:
             pass  # a full FIFO already holds a wake-up
+        return True
+    finally:
+        os.close(fd)
+
+
+def flock_held(path, create=False):
+    """True if some process holds an flock on the file at path (never following a symlink);
+    False if none does, or the file is not there (create: made, 0600, and so not held)."""
+    flags = (os.O_RDWR | os.O_CREAT) if create else os.O_RDONLY
+    try:
+        fd = os.open(path, flags | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except OSError:
         return True
     finally:
         os.close(fd)

@@ -5,7 +5,7 @@ import os
 import signal
 import time
 
-from . import db, fsutil, jobcontainer, notify, runner, workdirs
+from . import db, fsutil, jobcontainer, jobprocs, notify, runner, workdirs
 
 
 def finalize_exited(con, home):
@@ -55,6 +55,19 @@ def _requeue(con, home, row, why):
     append_log(home, job_id, "rtrain: %s\n" % why)
     con.execute("UPDATE jobs SET state='queued', gpus='[]', wrapper_pid=NULL, wrapper_start=NULL,"
                 " message=? WHERE id=?", (why, job_id))
+
+
+def end_leftovers(home, job_id, only_look=False):
+    """The processes of a job whose wrapper is gone that still run (jobprocs.py): ended (or,
+    with only_look, just found). Returns their pids."""
+    pids = runner.read_pids(home, job_id)
+    if not pids or pids.get("boot_id") != fsutil.boot_id():
+        return set()
+    job_tag = pids.get("tag") or jobprocs.tag(home.root, job_id)
+    left = jobprocs.find(job_tag, pids)
+    if left and not only_look:
+        jobprocs.end_all(job_tag, pids)
+    return left
 
 
 def append_log(home, job_id, text):
@@ -111,14 +124,8 @@ def _adopt_or_requeue(con, home, row):
 
 def _lose(con, home, row):
     jobcontainer.stop_left(home, row)  # a container job's container goes first (its leases with it)
-    # The wrapper is gone. If its process group outlived it (same boot, same start time), end it.
-    pids = runner.read_pids(home, row["id"])
-    if pids.get("pgid") and pids.get("boot_id") == fsutil.boot_id() and \
-            fsutil.alive(pids["pgid"], pids.get("pgid_start")):
-        try:
-            os.killpg(pids["pgid"], signal.SIGKILL)
-        except OSError:
-            pass
+    # The wrapper is gone. If processes of the job outlived it (this boot), end them all.
+    end_leftovers(home, row["id"])
     with db.Tx(con):
         row = db.get(con, row["id"])
         if row["state"] != "running":
@@ -135,20 +142,16 @@ def _lose(con, home, row):
 
 
 def request_cancel(home, row):
-    """Ask a running job to stop: the cancel mark its wrapper reads, and SIGTERM to the wrapper
-    (which passes it on to the job's processes, then ends them after their grace period), or to
-    the job's process group when the wrapper is gone. The exit is recorded as the wrapper ends."""
+    """Ask a running job to stop: the cancel mark its wrapper reads, and SIGTERM to the wrapper,
+    which passes it on and ends every process of the job after their grace period (runner.py,
+    jobprocs.py); with no wrapper left, end the job's processes here (the daemon then marks it
+    lost). The exit is recorded as the wrapper ends."""
     job_id = row["id"]
     open(home.job(job_id).cancel, "w").close()
-    pids = runner.read_pids(home, job_id)
     if row["wrapper_pid"] and fsutil.alive(row["wrapper_pid"], row["wrapper_start"]):
-        _signal(row["wrapper_pid"], signal.SIGTERM, group=False)
-    elif pids.get("pgid") and fsutil.alive(pids["pgid"], pids.get("pgid_start")):
-        _signal(pids["pgid"], signal.SIGTERM, group=True)
-
-
-def _signal(pid, sig, group):
-    try:
-        (os.killpg if group else os.kill)(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
+        try:
+            os.kill(row["wrapper_pid"], signal.SIGTERM)
+        except (ProcessLookupError, PermissionError):
+            pass
+    else:
+        end_leftovers(home, job_id)

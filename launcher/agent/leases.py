@@ -1,136 +1,113 @@
-"""GPU leases as kernel locks: one flock per GPU UUID in a shared sticky directory.
+"""GPU leases that no other user can break (docs/design.md "Leases").
 
-The directory is /run/lock (or /tmp) itself by default: root owns those, so no user can
-delete another's lease files, and nobody has to set anything up. Lease files and wake-up
-FIFOs carry an rtrain- prefix there.
+A lease on a GPU is an abstract Unix socket bound to a name made of the lease dir and the GPU's
+UUID, `\\0rtrain-gpu/<sha256(realpath(lock_dir))[:16]>/<uuid>`. Binding a name that is bound
+fails (EADDRINUSE) in the whole network namespace, whoever holds it; an abstract name has no
+file, so nobody can unlink, rename or replace it, and no tmp cleaner sees it; the kernel frees
+it when the last descriptor of the socket closes. The job's processes inherit that descriptor
+(runner.py passes it on), so the lease lasts exactly as long as any of them runs. The socket
+listens, so anyone can ask who holds it (SO_PEERCRED gives the uid).
 
-A job's processes inherit the locked file descriptions, so the lease lasts exactly as
-long as the job: when its last process dies, for any reason, the kernel frees it.
-Two users' agents on one machine share the directory and so never hand out one GPU twice.
+Older agents knew only the lease file, LOCK_PREFIX + UUID + ".lock" in the lease dir, locked
+with flock. A lease still takes that flock after the socket, so an older agent on the same tower
+sees the GPU taken, and a file someone else holds locked makes the GPU busy here too. What other
+users put at that name (a FIFO, a symlink, a directory, an unreadable file) is never followed,
+opened blocking or trusted: the lease then rests on the socket alone, and `rtrain gpus` says
+what is there.
+
+Lease is the object the scheduler holds (acquire, release, fds); holders() says who holds what.
 """
 import errno
 import fcntl
+import hashlib
 import os
 import re
+import socket
 import stat
+import struct
 
-from . import fsutil
+from .lockdir import (WAKE_PREFIX, LockDirError, ensure_dir, open_waiter,  # noqa: F401 - API
+                      user_name, wake_waiters, waiter_path)
 
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]")
-_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
-_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
-
-
-class LockDirError(Exception):
-    """The GPU lock directory can't be used safely. str(e) is one line: what is wrong, then
-    what to do (e.hint)."""
-
-    def __init__(self, message, hint=""):
-        Exception.__init__(self, message)
-        self.message = message
-        self.hint = hint
-
-    def __str__(self):
-        return "%s; %s" % (self.message, self.hint) if self.hint else self.message
-
-
-def _owner(uid):
-    try:
-        import pwd
-        return pwd.getpwuid(uid).pw_name
-    except (ImportError, KeyError):
-        return "uid %d" % uid
-
-
-def _problem(path):
-    """None if the existing lock directory at path is safe to share, else a LockDirError.
-    Safe: a real directory (not a symlink), owned by root or by us, and, if others can write
-    to it, sticky (else they could unlink our held lease files and hand the GPU out again)."""
-    fix = "create it as root: install -d -o root -m 1777 %s (or set lock_dir in hosts.yaml)" % path
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return LockDirError("the GPU lock dir %s does not exist" % path, fix)
-    except OSError as e:
-        return LockDirError("cannot read the GPU lock dir %s: %s" % (path, e.strerror), fix)
-    if stat.S_ISLNK(st.st_mode):
-        return LockDirError("the GPU lock dir %s is a symlink" % path, fix)
-    if not stat.S_ISDIR(st.st_mode):
-        return LockDirError("the GPU lock dir %s is not a directory" % path, fix)
-    if st.st_uid not in (0, os.getuid()):
-        return LockDirError("the GPU lock dir %s belongs to %s, who could delete other users' GPU "
-                            "leases" % (path, _owner(st.st_uid)), fix)
-    if st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
-        return LockDirError("the GPU lock dir %s is world-writable but not sticky: anyone could "
-                            "delete the GPU leases in it" % path, "chmod 1777 %s" % path)
-    if not os.access(path, os.W_OK | os.X_OK):
-        return LockDirError("the GPU lock dir %s is not writable by you" % path,
-                            "chmod 1777 %s" % path)
-    return None
-
-
-def ensure_dir(path):
-    """The shared lock directory at path, made (mode 1777, whatever the umask) if missing.
-    Raises LockDirError if it can't be made or is not safe to share (see _problem)."""
-    try:
-        os.lstat(path)
-    except FileNotFoundError:
-        _make_dir(path)
-    except OSError:
-        pass  # cannot even look (EACCES above it): _problem says so
-    problem = _problem(path)
-    if problem is not None:
-        raise problem
-    return path
-
-
-def _make_dir(path):
-    parent = os.path.dirname(path.rstrip("/")) or "/"
-    try:
-        os.makedirs(parent, exist_ok=True)
-        os.mkdir(path, 0o700)
-    except FileExistsError:
-        return  # made by someone else meanwhile: _problem judges it
-    except OSError as e:
-        raise LockDirError("cannot create the GPU lock dir %s: %s" % (path, e.strerror),
-                           "create it as root: install -d -o root -m 1777 %s (or set lock_dir "
-                           "in hosts.yaml)" % path)
-    # Made 0700 first, then opened without following links and opened up: nobody can swap it.
-    try:
-        fd = os.open(path, os.O_RDONLY | _DIRECTORY | _NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
-        return
-    try:
-        st = os.fstat(fd)
-        if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid():
-            os.fchmod(fd, 0o1777)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 LOCK_PREFIX = "rtrain-gpu-"      # lease files: LOCK_PREFIX + GPU UUID + ".lock"
-WAKE_PREFIX = "rtrain-wake-"     # wake-up FIFOs of waiting daemons (below)
+SOCKET_PREFIX = "rtrain-gpu/"    # lease sockets: \0 + SOCKET_PREFIX + dir tag + "/" + UUID
+
+
+class Lease(object):
+    """A lease held on one GPU: `fds` (the socket, and the lease file's flock where it could be
+    had) are what the job's processes inherit; `note` says what was odd about the lease file."""
+
+    __slots__ = ("uuid", "fds", "note")
+
+    def __init__(self, uuid, fds, note=""):
+        self.uuid = uuid
+        self.fds = list(fds)
+        self.note = note
+
+    def release(self):
+        for fd in self.fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.fds = []
 
 
 def lock_path(lock_dir, uuid):
     return os.path.join(lock_dir, LOCK_PREFIX + _SAFE.sub("_", uuid) + ".lock")
 
 
+def dir_tag(lock_dir):
+    """What names a lease dir in socket names: every user with the same lock_dir (by its real
+    path) meets on the same names; tests with private lease dirs never collide."""
+    real = os.path.realpath(lock_dir)
+    return hashlib.sha256(real.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+
+
+def socket_name(lock_dir, uuid):
+    """The abstract socket name (bytes, leading NUL) of the lease on uuid in lock_dir."""
+    u = _SAFE.sub("_", uuid)
+    if len(u) > 64:  # abstract names hold at most 107 bytes
+        u = hashlib.sha256(uuid.encode("utf-8", "surrogateescape")).hexdigest()[:40]
+    return ("\0%s%s/%s" % (SOCKET_PREFIX, dir_tag(lock_dir), u)).encode("ascii")
+
+
+def _bind(name):
+    """A listening socket bound to name (a raw fd, close-on-exec), or None if it is taken."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.bind(name)
+        s.listen(64)
+    except OSError:
+        s.close()
+        return None  # EADDRINUSE: held; anything else: not leasable either
+    return s.detach()
+
+
 # Another user may have put anything at a lock file's name (the directory is shared): a FIFO
 # (a plain open would block), a symlink, a device, a file we can't read. None of it may block
-# or crash a daemon: such a GPU just can't be leased now.
+# or crash a daemon.
 _OPEN = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | getattr(os, "O_NOCTTY", 0) | \
     getattr(os, "O_NOFOLLOW", 0)
+_HELD = "held"
+
+
+def _kind(mode):
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISLNK, "a symlink"),
+                       (stat.S_ISDIR, "a directory"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a plain file"
 
 
 def _open(path):
-    """An fd on the regular lock file at path (created if missing), or None."""
+    """(an fd on the regular lock file at path, created if missing, or None; why not)."""
     for _ in range(3):
         try:
-            if not stat.S_ISREG(os.lstat(path).st_mode):
-                return None  # don't even open a FIFO or a device
+            st = os.lstat(path)
+            if not stat.S_ISREG(st.st_mode):
+                return None, "%s (%s's)" % (_kind(st.st_mode), user_name(st.st_uid))
             fd = os.open(path, _OPEN)
         except FileNotFoundError:
             # fs.protected_regular refuses O_CREAT on another user's file in a sticky dir:
@@ -139,27 +116,53 @@ def _open(path):
                 fd = os.open(path, _OPEN | os.O_CREAT | os.O_EXCL, 0o644)
             except FileExistsError:
                 continue
-            except OSError:
-                return None
+            except OSError as e:
+                return None, "cannot be made (%s)" % e.strerror
             try:
                 os.fchmod(fd, 0o644)  # readable by all, whatever our umask (no umask(): threads)
             except OSError:
                 pass
-        except OSError:
-            return None
+        except OSError as e:
+            return None, "cannot be opened (%s)" % e.strerror
         try:
             if stat.S_ISREG(os.fstat(fd).st_mode):
-                return fd
+                return fd, ""
         except OSError:
             pass
         os.close(fd)
-        return None
-    return None
+        return None, "changed while it was opened"
+    return None, "keeps changing"
+
+
+def _flock(path):
+    """(fd holding the flock on the lease file, "") or (None, _HELD) if someone else holds it,
+    or (None, what is wrong with the file) if it cannot be locked at all."""
+    for _ in range(5):
+        fd, why = _open(path)
+        if fd is None:
+            return None, why
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                return None, _HELD
+            return None, "cannot be locked (%s)" % e.strerror
+        # A lock on a file that was unlinked or replaced meanwhile protects nothing from an
+        # older agent, which would lock the file now at that name: lock that one instead.
+        try:
+            st, now = os.fstat(fd), os.lstat(path)
+            if (st.st_dev, st.st_ino) == (now.st_dev, now.st_ino):
+                return fd, ""
+        except OSError:
+            pass
+        os.close(fd)
+    return None, "keeps changing"
 
 
 def try_acquire(lock_dir, uuid):
-    """An fd holding the lease on uuid, or None if it can't be had now: another process holds
-    it, or the lock dir or the lock file is not safe (see ensure_dir, _open). Never raises,
+    """A Lease on uuid, or None if it can't be had now: another process holds it (its socket,
+    or its lease file's flock), or the lock dir is not safe (lockdir.ensure_dir). Never raises,
     never blocks."""
     if not lock_dir:
         return None
@@ -167,140 +170,108 @@ def try_acquire(lock_dir, uuid):
         ensure_dir(lock_dir)
     except LockDirError:
         return None
-    path = lock_path(lock_dir, uuid)
-    for _ in range(5):
-        fd = _open(path)
-        if fd is None:
-            return None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            return None  # EWOULDBLOCK: held; anything else: not leasable either
-        # A lock on a file that was unlinked or replaced meanwhile protects nothing: the next
-        # agent would lock the file now at that name. Take the lease on that one instead.
-        try:
-            st, now = os.fstat(fd), os.lstat(path)
-            if (st.st_dev, st.st_ino) == (now.st_dev, now.st_ino):
-                return fd
-        except OSError:
-            pass
-        os.close(fd)
-    return None
+    sfd = _bind(socket_name(lock_dir, uuid))
+    if sfd is None:
+        return None
+    ffd, why = _flock(lock_path(lock_dir, uuid))
+    if why == _HELD:
+        os.close(sfd)
+        return None
+    return Lease(uuid, [sfd] if ffd is None else [sfd, ffd], why and "its lease file is " + why)
 
 
 def is_held(lock_dir, uuid):
-    fd = try_acquire(lock_dir, uuid)
-    if fd is None:
+    lease = try_acquire(lock_dir, uuid)
+    if lease is None:
         return True
-    os.close(fd)
+    lease.release()
     return False
 
 
-def holders(lock_dir):
-    """{uuid-ish lock name: pid} for leases held right now, read from /proc/locks (Linux)."""
-    if not lock_dir:
-        return {}
+# ------------------------------------------------------------------ who holds what
+
+_SO_PEERCRED = getattr(socket, "SO_PEERCRED", 17)
+
+
+def socket_holder(lock_dir, uuid):
+    """(uid, pid) of whoever listens on uuid's lease socket (pid: the process that took the
+    lease, which may have exited since), (None, None) when it is held but cannot be asked (its
+    queue is full), or None when nobody holds it."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.setblocking(False)
+    try:
+        s.connect(socket_name(lock_dir, uuid))
+        pid, uid, _gid = struct.unpack("3i", s.getsockopt(socket.SOL_SOCKET, _SO_PEERCRED,
+                                                          struct.calcsize("3i")))
+        return uid, pid
+    except (BlockingIOError, InterruptedError):
+        return None, None
+    except OSError as e:
+        if e.errno == errno.EAGAIN:
+            return None, None
+        return None  # ECONNREFUSED, ENOENT: nobody listens
+    finally:
+        s.close()
+
+
+def _flock_holders():
+    """{inode: pid} of WRITE flocks, from /proc/locks (Linux)."""
     try:
         with open("/proc/locks") as f:
             lines = f.read().splitlines()
     except OSError:
         return {}
-    by_inode = {}
+    out = {}
     for line in lines:
         parts = line.split()
         # "1: FLOCK  ADVISORY  WRITE 1234 00:2b:5678 0 EOF"
         if len(parts) >= 6 and parts[1] == "FLOCK" and parts[3] == "WRITE":
             try:
-                by_inode[int(parts[5].split(":")[2])] = int(parts[4])
+                out[int(parts[5].split(":")[2])] = int(parts[4])
             except (ValueError, IndexError):
                 continue
-    out = {}
-    try:
-        names = os.listdir(lock_dir)
-    except OSError:
-        return out
-    for name in names:
-        if not (name.startswith(LOCK_PREFIX) and name.endswith(".lock")):
-            continue
-        try:
-            st = os.lstat(os.path.join(lock_dir, name))
-        except OSError:
-            continue
-        if not stat.S_ISREG(st.st_mode):
-            continue
-        ino = st.st_ino
-        if ino in by_inode:
-            out[name[:-5]] = by_inode[ino]
     return out
 
 
-# ------------------------------------------------------------------ cross-user wake-ups
-# A daemon whose jobs wait for GPUs listens on a FIFO of its own in the shared lock directory
-# (rtrain-wake-UID-HOME.fifo, writable by all, owned by its user); a job of any user that frees GPUs writes
-# a byte to each, so a GPU freed by someone else's job is taken within milliseconds too. The
-# directory is shared with other users: nothing here follows a symlink, and only FIFOs are
-# written to (one byte: the worst another user can do is wake a daemon for nothing).
-
-
-def waiter_path(lock_dir, home_root):
-    """The wake FIFO of the daemon of home_root in lock_dir (None without a lock dir)."""
+def holders(lock_dir, uuids):
+    """{uuid: {"uid", "user", "pid", "how", "note"}} for the GPUs among uuids that are leased
+    now, and for those whose lease file is odd ("note"). how: "socket" (an rtrain lease),
+    "file" (the lease file is locked: an older rtrain agent, or anyone), or None (free, with a
+    note). Never raises."""
     if not lock_dir:
-        return None
-    import hashlib
-    tag = hashlib.sha256(home_root.encode("utf-8", "surrogateescape")).hexdigest()[:12]
-    return os.path.join(lock_dir, "%s%d-%s.fifo" % (WAKE_PREFIX, os.getuid(), tag))
-
-
-def open_waiter(path):
-    """(read fd, write fd) of a daemon's wake FIFO (waiter_path), or None if it can't be had
-    safely (then the daemon just polls)."""
-    if not path:
-        return None
-    try:
-        os.mkfifo(path, 0o600)
-    except FileExistsError:
-        pass
-    except OSError:
-        return None
-    fds = []
-    try:
-        for flags in (os.O_RDONLY, os.O_WRONLY):
-            fds.append(os.open(path, flags | os.O_NONBLOCK | os.O_CLOEXEC | _NOFOLLOW))
-        st = os.fstat(fds[0])
-        if not stat.S_ISFIFO(st.st_mode) or st.st_uid != os.getuid():
-            raise OSError(errno.EPERM, "not our FIFO")
-        os.fchmod(fds[0], 0o622)
-    except OSError:
-        for fd in fds:
-            os.close(fd)
-        return None
-    return fds[0], fds[1]
-
-
-def wake_waiters(lock_dir, skip=None):
-    """Poke every daemon that waits for GPUs in lock_dir (any user's), but the one whose
-    waiter_path is `skip` (the caller's own daemon, told another way)."""
-    if not lock_dir:
-        return
-    try:
-        names = os.listdir(lock_dir)
-    except OSError:
-        return
-    skip = os.path.basename(skip) if skip else None
-    for name in names:
-        if not (name.startswith(WAKE_PREFIX) and name.endswith(".fifo")) or name == skip:
-            continue
+        return {}
+    locked = None
+    out = {}
+    for uuid in uuids:
+        info = {"uid": None, "user": None, "pid": None, "how": None, "note": ""}
+        got = socket_holder(lock_dir, uuid)
+        if got is not None:
+            info.update(how="socket", uid=got[0], pid=got[1])
+        path = lock_path(lock_dir, uuid)
         try:
-            fsutil.poke_fifo(os.path.join(lock_dir, name))
+            st = os.lstat(path)
         except OSError:
-            continue  # ELOOP: a symlink; EACCES: not for us
+            st = None
+        if st is not None and not stat.S_ISREG(st.st_mode):
+            info["note"] = "its lease file is %s (%s's)" % (_kind(st.st_mode), user_name(st.st_uid))
+        elif st is not None and not os.access(path, os.R_OK):
+            info["note"] = "its lease file cannot be opened (Permission denied; %s's)" % (
+                user_name(st.st_uid))
+        elif st is not None and info["how"] is None:
+            if locked is None:
+                locked = _flock_holders()
+            if st.st_ino in locked:
+                info.update(how="file", pid=locked[st.st_ino], uid=pid_uid(locked[st.st_ino]))
+        if info["uid"] is not None:
+            info["user"] = user_name(info["uid"])
+        if info["how"] or info["note"]:
+            out[uuid] = info
+    return out
 
 
-def pid_user(pid):
+def pid_uid(pid):
     try:
-        import pwd
-        uid = os.stat("/proc/%d" % pid).st_uid
-        return pwd.getpwuid(uid).pw_name
-    except (OSError, KeyError, ImportError):
+        return os.stat("/proc/%d" % pid).st_uid
+    except OSError:
         return None
+

@@ -82,6 +82,45 @@ def check_entry(e):
     return parts, kind
 
 
+LINK_HOPS = 40  # the kernel follows at most 40 symlinks in one path lookup (MAXSYMLINKS)
+
+
+def resolve_link(path, links):
+    """Where the symlink at `path` lands, following the tree's own symlinks (`links`: path ->
+    target) the way the kernel would (a ".." after a symlink climbs from where the link
+    points, not from where it is): its components ([] is the root), or None if it leaves the
+    tree, is absolute somewhere on the way, or takes more than LINK_HOPS links (a loop)."""
+    stack = path.split("/")[:-1]
+    todo = links[path].split("/")
+    hops = 1
+    while todo:
+        p = todo.pop(0)
+        if p in ("", "."):
+            continue
+        if p == "..":
+            if not stack:
+                return None
+            stack.pop()
+            continue
+        stack.append(p)
+        target = links.get("/".join(stack))
+        if target is not None:
+            hops += 1
+            if hops > LINK_HOPS or target.startswith("/"):
+                return None
+            stack.pop()
+            todo = target.split("/") + todo
+    return stack
+
+
+def escaping_links(entries):
+    """The paths of the symlinks among entries that, through other symlinks of the tree, lead
+    outside it (or loop), though each is lexically inside (check_target)."""
+    links = {e["path"]: e["target"] for e in entries
+             if isinstance(e, dict) and e.get("type") == "symlink" and isinstance(e.get("target"), str)}
+    return [p for p in sorted(links) if resolve_link(p, links) is None]
+
+
 def check_entries(entries):
     """Validate manifest entries without touching the disk (what materialize would refuse):
     paths, hashes, symlink targets, a path given twice or used both as a file and a folder.
@@ -104,4 +143,8 @@ def check_entries(entries):
                 raise ManifestError("bad manifest: %r would go through the file or symlink %r" % (
                     path, parent))
             parents.add(parent)
+    bad = escaping_links(entries)
+    if bad:
+        raise ManifestError("bad symlink %r: through other symlinks of the tree it leads outside "
+                            "it (or loops)" % (bad[0],))
     return total

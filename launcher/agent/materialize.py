@@ -3,22 +3,23 @@ hard links (a job that rewrites a file in place must not change the store or ano
 files: docs/design.md, "Snapshots"), and its symlinks. Every entry is checked (manifest.py);
 nothing is ever written through a symlink. Standard library only, Python >= 3.8.
 """
+import hashlib
 import os
 import stat
 from concurrent.futures import ThreadPoolExecutor
 
 from .manifest import ManifestError, check_entry
-from .packs import _O_CLOEXEC, _O_NOFOLLOW, PackFiles, StoreError, copy_fd, write_all
+from .packs import _O_CLOEXEC, _O_NOFOLLOW, BadBlobs, PackFiles, StoreError, copy_verified, write_all
 
-_SMALL = 1 << 20          # blobs up to this size are copied with one read and one write
 _PARALLEL_MIN = 512       # work dirs with at least this many files are copied by threads
 
 
 def materialize(store, entries, dest):
     """Build a job's work dir at dest from manifest entries: private, writable copies of
     blobs (0755 if exec else 0644) and symlinks. Every path is validated; nothing is ever
-    written through a symlink. Raises ManifestError (an entry that must not be written) or
-    StoreError (a blob the store lacks, a copy that fails).
+    written through a symlink. Every blob's bytes are checked against its hash as they are
+    copied. Raises ManifestError (an entry that must not be written), BadBlobs (blobs the store
+    lacks or holds damaged: every one of them) or StoreError (a copy that fails).
 
     First, in manifest order, every entry is checked and every directory and symlink made
     (what this call made is remembered, so a directory is looked at once, not once per file
@@ -63,6 +64,7 @@ def materialize(store, entries, dest):
     copies = [c + (bool(c[2] & um), packed.get(c[3])) for c in copies]
     copies.sort(key=lambda c: c[7] or ("~", 0, 0))
     packs = PackFiles(store)
+    bad = []  # blobs missing from the store or damaged in it: all of them, then BadBlobs
     try:
         if len(copies) >= _PARALLEL_MIN and (os.cpu_count() or 1) > 1:
             # the copies are system calls that release the GIL; after an error (a full disk)
@@ -72,7 +74,7 @@ def materialize(store, entries, dest):
             def copy(c):
                 if not failed:
                     try:
-                        _copy_blob(c, packs)
+                        _copy_blob(c, packs, bad)
                     except BaseException:
                         failed.append(True)
                         raise
@@ -83,9 +85,11 @@ def materialize(store, entries, dest):
                 f.result()
         else:
             for c in copies:
-                _copy_blob(c, packs)
+                _copy_blob(c, packs, bad)
     finally:
         packs.close()
+    if bad:
+        raise BadBlobs(sorted(bad, key=lambda b: b[1]))
 
 def _make_parents(dest, parts, path, dirs, taken):
     cur = dest
@@ -114,44 +118,45 @@ def _make_parents(dest, parts, path, dirs, taken):
         dirs.add(cur)
     return cur
 
-def _copy_blob(c, packs):
+def _copy_blob(c, packs, bad):
+    """Copy one blob into the work dir, checking its hash as it goes (from its pack, else its
+    loose file); a blob missing or damaged in the store goes to `bad`."""
     src, full, mode, h, path, size, chmod, where = c
     if where is not None:
         data = packs.read(where)
-        if data is not None:
-            dfd = _create_copy(full, mode, path)
-            try:
-                if chmod:
-                    os.fchmod(dfd, mode)
-                write_all(dfd, data)
-            except OSError as ex:
-                raise StoreError("cannot create %r in the work dir: %s" % (path, ex))
-            finally:
-                os.close(dfd)
+        if data is None or hashlib.sha256(data).hexdigest() != h:
+            bad.append((h, path, "missing" if data is None else "damaged", where))
             return
+        dfd = _create_copy(full, mode, path)
+        try:
+            if chmod:
+                os.fchmod(dfd, mode)
+            write_all(dfd, data)
+        except OSError as ex:
+            raise StoreError("cannot create %r in the work dir: %s" % (path, ex))
+        finally:
+            os.close(dfd)
+        return
     try:
         sfd = os.open(src, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC)
     except FileNotFoundError:
-        raise StoreError("blob %s for %r is not in the store" % (h, path))
+        bad.append((h, path, "missing", None))
+        return
     try:
         dfd = _create_copy(full, mode, path)
         try:
             if chmod:
                 os.fchmod(dfd, mode)
-            if isinstance(size, int) and 0 <= size < _SMALL:
-                # one read of size+1: a short read is the end of the blob (regular file)
-                buf = os.read(sfd, size + 1)
-                write_all(dfd, buf)
-                if len(buf) > size:  # the manifest undersold it: copy the rest too
-                    copy_fd(sfd, dfd)
-            else:
-                copy_fd(sfd, dfd)
+            ok = copy_verified(sfd, dfd, h)
         except OSError as ex:
             raise StoreError("cannot create %r in the work dir: %s" % (path, ex))
         finally:
             os.close(dfd)
     finally:
         os.close(sfd)
+    if not ok:
+        bad.append((h, path, "damaged", None))
+
 
 def _create_copy(full, mode, path):
     try:

@@ -227,7 +227,7 @@ class Monitor:
     def _autostop(self, cfg, settings, jobs, view, now):
         units, error = view
         lock_dir = settings.resolved_lock_dir()
-        held = leases.holders(lock_dir)
+        held = {u: h for u, h in leases.holders(lock_dir, [x["uuid"] for x in units]).items() if h["how"]}
         try:
             waiters = sum(1 for n in os.listdir(lock_dir) if n.startswith(leases.WAKE_PREFIX))
         except OSError:

@@ -15,6 +15,31 @@ class StoreError(Exception):
     """A bad blob stream, or a blob the store lacks or cannot give."""
 
 
+class BadBlobs(StoreError):
+    """Blobs a work dir needed that the store lacks or holds damaged: `bad` is
+    [(hash, path in the snapshot, "missing" | "damaged", (pack, offset, size) or None)]."""
+
+    def __init__(self, bad):
+        h, path, why, _ = bad[0]
+        more = " (and %d more)" % (len(bad) - 1) if len(bad) > 1 else ""
+        StoreError.__init__(self, "the store's copy of %s (blob %s) is %s%s" % (
+            path, h[:12], "missing" if why == "missing" else "damaged: its bytes no longer match "
+            "their hash", more))
+        self.bad = bad
+
+
+def copy_verified(src, dst, h):
+    """Copy all of src to dst (both fds at offset 0), hashing what goes by: True if it was
+    exactly the blob h (docs/design.md "Snapshots": every blob is checked when it is used)."""
+    digest = hashlib.sha256()
+    while True:
+        buf = os.read(src, _CHUNK)
+        if not buf:
+            return digest.hexdigest() == h
+        digest.update(buf)
+        write_all(dst, buf)
+
+
 def copy_fd(src, dst):
     """Copy all of src to dst (both fds at offset 0): copy_file_range (may reflink: still a
     private copy) where the kernel has it, else read/write."""

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 
-from . import containerhost, containers, fsutil, jobcontainer, leases, runtime
+from . import containerhost, containers, fsutil, jobcontainer, jobprocs, leases, runtime
 
 SHELL = "/bin/bash" if os.path.exists("/bin/bash") else "/bin/sh"
 # The job gets a process group of its own (cancel signals the group). process_group= (3.11+)
@@ -43,7 +43,8 @@ def run_wrapper(home, job, lock_fds, poke, close_fds=()):
     close_fds: the daemon's own descriptors (its lock above all), which must not outlive it here."""
     code = 1
     try:
-        state = {"child": None, "cancelled": False, "term_at": None}
+        state = {"child": None, "cancelled": False, "term_at": None,
+                 "tag": jobprocs.tag(home.root, job["id"]), "procs": {}}
         grace = max(1, int(round(job.get("grace", 10))))
 
         def on_term(signum, frame):
@@ -57,6 +58,8 @@ def run_wrapper(home, job, lock_fds, poke, close_fds=()):
                     signal.alarm(grace + CONTAINER_STOP_SLACK_S)
                     return
                 _killpg(state["child"], signal.SIGTERM)
+                # and its processes that left the group (setsid, double fork: jobprocs.py)
+                jobprocs.signal_all(state["tag"], state["procs"], signal.SIGTERM)
                 signal.signal(signal.SIGALRM, lambda s, f: _killpg(state["child"], signal.SIGKILL))
                 signal.alarm(grace)
 
@@ -143,7 +146,6 @@ def _wrap(home, job, lock_fds, poke, state, grace=10):
                          0o600)
     except OSError:
         log_fd = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
-    env = job_env(os.environ, job_id, job["gpus"], job.get("env"))
     reserved = _reserve_exit(home.job(job_id).exit_pending)
     if os.path.exists(home.job(job_id).cancel):
         state["cancelled"] = True
@@ -155,13 +157,20 @@ def _wrap(home, job, lock_fds, poke, state, grace=10):
             poke()
             return _durable(home, job_id, reserved)
         # the job's variables expanded, its environment activated, its shell (runtime.py)
-        argv, env = runtime.job_process(home, job, fixed_vars(job_id, job["gpus"]))
+        # with the tag every descendant inherits (jobprocs.py)
+        fixed = fixed_vars(job_id, job["gpus"]) + [(jobprocs.TAG_VAR, state["tag"])]
+        argv, env = runtime.job_process(home, job, fixed)
         if job.get("container"):
             argv, env, state["container"] = _container_command(home, job)
-        child = subprocess.Popen(
-            argv, cwd=home.job(job_id).work, env=env,
-            stdin=subprocess.DEVNULL, stdout=log_fd, stderr=subprocess.STDOUT,
-            pass_fds=tuple(lock_fds), close_fds=True, **_OWN_GROUP)
+            env[jobprocs.TAG_VAR] = state["tag"]  # the engine's client is the job's (not the container)
+        cgroup = _enter_cgroup(state["tag"])
+        try:
+            child = subprocess.Popen(
+                argv, cwd=home.job(job_id).work, env=env,
+                stdin=subprocess.DEVNULL, stdout=log_fd, stderr=subprocess.STDOUT,
+                pass_fds=tuple(lock_fds), close_fds=True, **_OWN_GROUP)
+        finally:
+            cgroup = _leave_cgroup(cgroup)
     except containers.ContainerError as e:
         _log(log_fd, e.lines())
         _write_exit(home, job_id, reserved, {
@@ -169,17 +178,19 @@ def _wrap(home, job, lock_fds, poke, state, grace=10):
             "cancelled": state["cancelled"], "message": e.message})
         poke()
         return _durable(home, job_id, reserved)
-    except OSError as e:
+    except (OSError, ValueError) as e:  # ValueError: a variable subprocess refuses
         _log(log_fd, "rtrain: cannot start the job: %s\n" % e)
         _write_exit(home, job_id, reserved, {
             "exit_code": 127, "signal": None, "ended_at": time.time(), "cancelled": state["cancelled"]})
         poke()
         return _durable(home, job_id, reserved)
-    os.close(log_fd)
-    _write_best_effort(home.job(job_id).pids, {
+    state["procs"] = {"pgid": child.pid, "sid": os.getsid(0), "cgroup": cgroup,
+                      "pgid_start": fsutil.proc_start_time(child.pid),
+                      "sid_start": fsutil.proc_start_time(os.getsid(0))}
+    _write_best_effort(home.job(job_id).pids, dict(state["procs"], **{
         "wrapper_pid": os.getpid(), "wrapper_start": fsutil.proc_start_time(os.getpid()),
-        "pgid": child.pid, "pgid_start": fsutil.proc_start_time(child.pid),
-        "boot_id": fsutil.boot_id(), "started_at": time.time()})
+        "tag": state["tag"],
+        "boot_id": fsutil.boot_id(), "started_at": time.time()}))
     state["child"] = child.pid
     if state["cancelled"]:
         os.kill(os.getpid(), signal.SIGTERM)  # a cancel that came during the start
@@ -190,9 +201,18 @@ def _wrap(home, job, lock_fds, poke, state, grace=10):
         deadline = state["term_at"] + grace
         while time.monotonic() < deadline and _group_alive(child.pid):
             time.sleep(0.05)
+        # and every process it started goes, wherever it went (jobprocs.py), before the lease
+        # descriptors are let go: the GPU is free only once the last of them is gone
+        while time.monotonic() < deadline and jobprocs.find(state["tag"], state["procs"]):
+            time.sleep(0.05)
+        jobprocs.end_all(state["tag"], state["procs"])
     signal.alarm(0)
     # The command is done; anything it left running in its group goes with it.
     _killpg(child.pid, signal.SIGKILL)
+    if state["term_at"] is None:
+        _note_leftovers(log_fd, job_id, state)
+    os.close(log_fd)
+    jobprocs.remove_cgroup(state["procs"].get("cgroup"))  # if empty
     if state.get("container"):
         # the GPU leases last as long as the container: it is gone before they are let go
         jobcontainer.gone(state["container"], rc, state["cancelled"], home, job_id)
@@ -214,6 +234,34 @@ def _wrap(home, job, lock_fds, poke, state, grace=10):
         # other users' daemons waiting for these GPUs (ours was poked above)
         leases.wake_waiters(job["lock_dir"], skip=leases.waiter_path(job["lock_dir"], home.root))
     return _durable(home, job_id, reserved)
+
+
+def _enter_cgroup(job_tag):
+    """The job's own cgroup (jobprocs.py) with this wrapper in it, so that the command is born
+    there; or None where there is none to have."""
+    cgroup = jobprocs.make_cgroup(job_tag)
+    if cgroup is not None and not jobprocs.move(cgroup):
+        jobprocs.remove_cgroup(cgroup)
+        return None
+    return cgroup
+
+
+def _leave_cgroup(cgroup):
+    """Move the wrapper back out of the job's cgroup (ending the cgroup must not end the
+    wrapper, which records the exit). If it cannot, the cgroup is not the job's alone: None."""
+    if cgroup is None or jobprocs.move(os.path.dirname(cgroup)):
+        return cgroup
+    return None
+
+
+def _note_leftovers(log_fd, job_id, state):
+    """The command ended normally, but processes it daemonized (setsid, double fork) still
+    run: they keep its GPU leases. Say so in the log (and `status JOB`, `gpus` say so live)."""
+    left = jobprocs.find(state["tag"], state["procs"], skip_pgid=state["child"])
+    if left:
+        _log(log_fd, "rtrain: the job's command ended but left %d process(es) running: %s; they "
+             "keep the job's GPUs until they end (`rtrain cancel %s` ends them)\n" % (
+                 len(left), jobprocs.describe(left), job_id))
 
 
 # A container job: its command is `ENGINE run ...` (agent/containers.py), attached, so its

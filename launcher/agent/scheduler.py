@@ -16,7 +16,6 @@ snapshot is older than that, or when a lease someone else held was freed on a GP
 saw busy.
 """
 import json
-import os
 import sys
 import time
 import traceback
@@ -97,28 +96,28 @@ class Scheduler:
         if settings not in turn["units"]:
             turn["units"][settings] = self._units(settings, lock_dir)
         view = turn["units"][settings]
-        fds, uuids = [], []
+        held = []  # leases.Lease
         try:
             for u in view.units:
-                if len(uuids) == n:
+                if len(held) == n:
                     break
                 if u["state"] != "free" or u["uuid"] in self.taken:
                     continue
-                fd = leases.try_acquire(lock_dir, u["uuid"])
-                if fd is None:
-                    continue
-                fds.append(fd)
-                uuids.append(u["uuid"])
+                lease = leases.try_acquire(lock_dir, u["uuid"])
+                if lease is not None:
+                    held.append(lease)
         except BaseException:
-            for fd in fds:
-                os.close(fd)
+            for lease in held:
+                lease.release()
             raise
-        if len(uuids) == n:
+        if len(held) == n:
+            uuids = [lease.uuid for lease in held]
             self.taken.update(uuids)
-            self.start(row, uuids, fds, lock_dir)
+            # start() hands the descriptors to the job's wrapper and closes ours
+            self.start(row, uuids, [fd for lease in held for fd in lease.fds], lock_dir)
         else:
-            for fd in fds:
-                os.close(fd)
+            for lease in held:
+                lease.release()
             turn["blocked"] = row["id"]
             self._say_why(row, self._why_waiting(n, view, lock_dir))
 

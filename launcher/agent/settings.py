@@ -70,6 +70,17 @@ class Settings(collections.namedtuple("Settings", list(DEFAULTS), defaults=list(
         return paths.lock_dir(self.lock_dir)
 
 
+def env_problem(env):
+    """Why a job's variables cannot be set (a name with "=" or NUL, or empty; a value with NUL),
+    or None. Checked by the client (hosts.yaml `env:`, --env) and by the agent's submit."""
+    for k, v in env.items():
+        if not isinstance(k, str) or not k or "=" in k or "\0" in k:
+            return "%r is not a variable name (a name holds neither '=' nor NUL)" % (k,)
+        if not isinstance(v, str) or "\0" in v:
+            return "the value of %s is not text without NUL bytes" % k
+    return None
+
+
 def from_legacy_config(path):
     """The settings the last submit left in RTRAIN_HOME/config.json before they were stored per
     job (db.py's migration gives them to the jobs of that time)."""

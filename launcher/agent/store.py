@@ -116,15 +116,35 @@ class Store(object):
             seen.add(h)
             uniq.append(h)
         packed = self.lookup(uniq)
-        there = {}  # pack id -> its file exists (an index row without its pack counts as missing)
+        sizes = {}  # pack id -> its size (a row whose bytes its pack lacks counts as missing)
         for where in packed.values():
-            if where[0] not in there:
+            if where[0] not in sizes:
                 try:
-                    there[where[0]] = os.path.isfile(self.pack_path(where[0]))
-                except StoreError:
-                    there[where[0]] = False
-        return [h for h in uniq if not (h in packed and there[packed[h][0]])
+                    sizes[where[0]] = os.stat(self.pack_path(where[0])).st_size
+                except (OSError, StoreError):
+                    sizes[where[0]] = -1
+        return [h for h in uniq if not (h in packed and packed[h][1] + packed[h][2] <= sizes[packed[h][0]])
                 and not os.path.isfile(self.path(h))]
+
+    def forget(self, bad):
+        """Drop blobs found missing or damaged where they were (materialize's BadBlobs.bad):
+        their index rows (that row only: a good copy indexed since stays) and damaged loose
+        files. The next submit that needs them sends them again."""
+        import sqlite3
+        for h, _path, _why, where in bad:
+            if where is None:
+                try:
+                    os.unlink(self.path(h))
+                except OSError:
+                    pass
+                continue
+            try:
+                con = self._index()
+                if con is not None:
+                    con.execute("DELETE FROM packed WHERE hash=? AND pack=? AND off=?",
+                                (h, where[0], where[1]))
+            except sqlite3.Error as e:
+                raise self._db_error(e)
 
     def receive(self, fileobj):
         """Read blob frames (see docs/contracts.md) from a binary file object until END.

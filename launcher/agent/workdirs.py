@@ -16,6 +16,7 @@ import time
 from . import fsutil, jobproject, store
 from .manifest import ManifestError
 from .materialize import materialize
+from .packs import BadBlobs
 
 INLINE_MAX_FILES = 64          # smaller trees are built by the daemon itself: a fork costs
 INLINE_MAX_BYTES = 8 << 20     # more than their copies, and they hold up no hand-off
@@ -61,6 +62,13 @@ def build(home, job_id, st):
     except (store.StoreError, ManifestError, OSError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
         message = _describe(e, home)
+        if isinstance(e, BadBlobs):
+            # drop them from the store, so the next submit of this tree sends them again
+            try:
+                st.forget(e.bad)
+                message += "; removed from the store on the host: submit again to send it"
+            except (store.StoreError, OSError):
+                pass
         try:
             fsutil.write_json_atomic(home.job(job_id).build_error, {"message": message})
         except OSError:

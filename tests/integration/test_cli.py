@@ -153,7 +153,7 @@ def test_a_submit_whose_replies_are_all_lost_says_to_check_status(world, tmp_pat
 def test_a_submit_dropped_before_the_agent_had_it_queues_nothing(world, tmp_path):
     hosts, marker, env = _wrapped(world, "drop-once", tmp_path)
     p = world.run("--hosts", hosts, "submit", "-q", "--", "python3", "train.py", env=env, check=False)
-    one_error(p, "most likely not queued", "rtrain status", anywhere=True)
+    one_error(p, "queued no job from this submit", "submit again", anywhere=True)
     assert p.stderr.count("retrying") == 1, p.stderr  # the host answered the first retry
     assert all_jobs(world) == []
     # and submitting again works
@@ -164,12 +164,14 @@ def test_a_submit_dropped_before_the_agent_had_it_queues_nothing(world, tmp_path
 # ------------------------------------------------------------------ 5. python too old
 
 OLD_PYTHON = r'''#!/bin/sh
-# python3 that says it is 3.6: runs the agent zipapp with sys.version_info patched
-[ "$1" = "-S" ] && shift
-exec %(python)s -S -c 'import runpy, sys
+# python3 that says it is 3.6: runs the agent's bootstrap (-c TEXT) with sys.version_info patched
+while [ "$1" != "-c" ]; do shift; done
+shift
+exec %(python)s -S -c 'import sys
 sys.version_info = (3, 6, 9, "final", 0)
-sys.argv = sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name="__main__")' "$@"
+code = sys.argv[1]
+sys.argv = ["-c"] + sys.argv[2:]
+exec(code)' "$@"
 '''
 
 

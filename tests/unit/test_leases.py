@@ -50,12 +50,18 @@ def _try_acquire_elsewhere(lock_dir, uuid, user=None):
     return p.stdout.strip()
 
 
-def test_a_fifo_planted_as_a_lock_file_neither_blocks_nor_is_leased(tmp_path):
+def test_a_fifo_planted_as_a_lock_file_neither_blocks_nor_breaks_the_lease(tmp_path):
     lock_dir = _locks(tmp_path)
     os.mkfifo(leases.lock_path(lock_dir, "GPU-a"), 0o666)
-    assert _try_acquire_elsewhere(lock_dir, "GPU-a") == "none"
-    assert leases.try_acquire(lock_dir, "GPU-a") is None
-    assert leases.is_held(lock_dir, "GPU-a")  # can't be leased: not free
+    assert _try_acquire_elsewhere(lock_dir, "GPU-a") == "fd"  # no hang, and the lease works
+    lease = leases.try_acquire(lock_dir, "GPU-a")
+    assert lease is not None and "a FIFO" in lease.note and len(lease.fds) == 1
+    try:
+        assert _try_acquire_elsewhere(lock_dir, "GPU-a") == "none"  # the socket excludes
+        assert leases.holders(lock_dir, ["GPU-a"])["GPU-a"]["note"].startswith("its lease file is a FIFO")
+    finally:
+        lease.release()
+    assert not leases.is_held(lock_dir, "GPU-a")
 
 
 def test_a_symlink_planted_as_a_lock_file_is_not_followed(tmp_path):
@@ -64,23 +70,29 @@ def test_a_symlink_planted_as_a_lock_file_is_not_followed(tmp_path):
     victim.write_text("")
     os.symlink(str(victim), leases.lock_path(lock_dir, "GPU-a"))
     os.symlink(str(tmp_path / "nowhere"), leases.lock_path(lock_dir, "GPU-b"))
-    assert leases.try_acquire(lock_dir, "GPU-a") is None
-    assert leases.try_acquire(lock_dir, "GPU-b") is None  # dangling: no raise either
+    a = leases.try_acquire(lock_dir, "GPU-a")
+    b = leases.try_acquire(lock_dir, "GPU-b")  # dangling: no raise either
+    assert a and b and "a symlink" in a.note and "a symlink" in b.note
     assert not (tmp_path / "nowhere").exists()
     fd = os.open(str(victim), os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # nobody locked the link's target
     finally:
         os.close(fd)
+        a.release()
+        b.release()
 
 
-def test_a_directory_planted_as_a_lock_file_is_not_leased(tmp_path):
+def test_a_directory_planted_as_a_lock_file_is_named_not_trusted(tmp_path):
     lock_dir = _locks(tmp_path)
     os.mkdir(leases.lock_path(lock_dir, "GPU-a"))
-    assert leases.try_acquire(lock_dir, "GPU-a") is None
+    lease = leases.try_acquire(lock_dir, "GPU-a")
+    assert lease is not None and "a directory" in lease.note
+    assert leases.is_held(lock_dir, "GPU-a")
+    lease.release()
 
 
-def test_an_unreadable_lock_file_means_not_leasable_not_a_crash(tmp_path, monkeypatch):
+def test_an_unreadable_lock_file_means_a_note_not_a_crash(tmp_path, monkeypatch):
     lock_dir = _locks(tmp_path)
     open(leases.lock_path(lock_dir, "GPU-a"), "w").close()
     real_open = os.open
@@ -91,8 +103,10 @@ def test_an_unreadable_lock_file_means_not_leasable_not_a_crash(tmp_path, monkey
         return real_open(path, flags, *a, **kw)
 
     monkeypatch.setattr(leases.os, "open", refuse)
-    assert leases.try_acquire(lock_dir, "GPU-a") is None
-    assert leases.try_acquire(lock_dir, "GPU-new") is None  # creating it fails the same way
+    for uuid in ("GPU-a", "GPU-new"):  # creating it fails the same way
+        lease = leases.try_acquire(lock_dir, uuid)
+        assert lease is not None and "Permission denied" in lease.note
+        lease.release()
 
 
 def test_another_users_unreadable_lock_file_as_that_user(tmp_path):
@@ -105,8 +119,12 @@ def test_another_users_unreadable_lock_file_as_that_user(tmp_path):
         path = leases.lock_path(lock_dir, "GPU-a")
         os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
         os.chmod(path, 0o600)
-        assert _try_acquire_elsewhere(lock_dir, "GPU-a", user=NOBODY) == "none"
-        assert _try_acquire_elsewhere(lock_dir, "GPU-b", user=NOBODY) == "fd"  # the others still work
+        assert _try_acquire_elsewhere(lock_dir, "GPU-a", user=NOBODY) == "fd"
+        mine = leases.try_acquire(lock_dir, "GPU-b")  # a lease of root's: nobody can't have it
+        assert _try_acquire_elsewhere(lock_dir, "GPU-b", user=NOBODY) == "none"
+        h = leases.holders(lock_dir, ["GPU-b"])["GPU-b"]
+        assert (h["how"], h["uid"], h["user"], h["pid"]) == ("socket", 0, "root", os.getpid())
+        mine.release()
     finally:
         for name in os.listdir(lock_dir):
             os.unlink(os.path.join(lock_dir, name))
@@ -115,7 +133,8 @@ def test_another_users_unreadable_lock_file_as_that_user(tmp_path):
 
 def test_a_lease_on_a_file_replaced_meanwhile_is_not_kept(tmp_path, monkeypatch):
     """Between open and flock the file was unlinked and made again: a lock on the old inode
-    protects nothing (the next agent locks the new file), so the lease is taken on the new one."""
+    protects nothing from an older agent (it locks the new file), so the flock is taken on the
+    new one."""
     lock_dir = _locks(tmp_path)
     path = leases.lock_path(lock_dir, "GPU-a")
     open(path, "w").close()
@@ -130,24 +149,64 @@ def test_a_lease_on_a_file_replaced_meanwhile_is_not_kept(tmp_path, monkeypatch)
         return real_flock(fd, op)
 
     monkeypatch.setattr(leases.fcntl, "flock", flock_after_swap)
-    fd = leases.try_acquire(lock_dir, "GPU-a")
+    lease = leases.try_acquire(lock_dir, "GPU-a")
     monkeypatch.setattr(leases.fcntl, "flock", real_flock)
-    assert fd is not None
+    assert lease is not None and len(lease.fds) == 2
     try:
-        assert os.fstat(fd).st_ino == os.stat(path).st_ino
+        assert os.fstat(lease.fds[1]).st_ino == os.stat(path).st_ino
         assert leases.is_held(lock_dir, "GPU-a")
     finally:
-        os.close(fd)
+        lease.release()
     assert not leases.is_held(lock_dir, "GPU-a")
 
 
 def test_leases_still_exclude_each_other(tmp_path):
     lock_dir = _locks(tmp_path)
-    fd = leases.try_acquire(lock_dir, "GPU-a")
-    assert fd is not None
+    lease = leases.try_acquire(lock_dir, "GPU-a")
+    assert lease is not None
     assert _try_acquire_elsewhere(lock_dir, "GPU-a") == "none"
-    os.close(fd)
+    lease.release()
     assert _try_acquire_elsewhere(lock_dir, "GPU-a") == "fd"
+
+
+def test_unlinking_or_renaming_the_lease_file_frees_nothing(tmp_path):
+    """What a co-tenant or a tmp cleaner can do to the file: the lease is its socket."""
+    lock_dir = _locks(tmp_path)
+    lease = leases.try_acquire(lock_dir, "GPU-a")
+    path = leases.lock_path(lock_dir, "GPU-a")
+    os.rename(path, path + ".old")
+    assert _try_acquire_elsewhere(lock_dir, "GPU-a") == "none"
+    for name in os.listdir(lock_dir):
+        os.unlink(os.path.join(lock_dir, name))
+    assert _try_acquire_elsewhere(lock_dir, "GPU-a") == "none"
+    assert leases.holders(lock_dir, ["GPU-a"])["GPU-a"]["how"] == "socket"
+    lease.release()
+    assert _try_acquire_elsewhere(lock_dir, "GPU-a") == "fd"
+
+
+def test_a_flock_held_on_the_lease_file_makes_the_gpu_busy_and_says_by_whom(tmp_path):
+    """An older agent (or anyone) holding the file's flock: busy here too, holder named."""
+    lock_dir = _locks(tmp_path)
+    fd = os.open(leases.lock_path(lock_dir, "GPU-a"), os.O_CREAT | os.O_RDONLY, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        assert leases.try_acquire(lock_dir, "GPU-a") is None
+        assert not leases.is_held(lock_dir, "GPU-b")  # the socket is not left bound either
+        h = leases.holders(lock_dir, ["GPU-a"])["GPU-a"]
+        assert (h["how"], h["pid"], h["uid"]) == ("file", os.getpid(), os.getuid())
+    finally:
+        os.close(fd)
+    assert not leases.is_held(lock_dir, "GPU-a")
+    assert leases.holders(lock_dir, ["GPU-a"]) == {}
+
+
+def test_socket_names_are_per_lease_dir_by_its_real_path(tmp_path):
+    lock_dir = _locks(tmp_path)
+    os.symlink(lock_dir, str(tmp_path / "alias"))
+    assert leases.socket_name(lock_dir, "GPU-a") == leases.socket_name(str(tmp_path / "alias"), "GPU-a")
+    assert leases.socket_name(lock_dir, "GPU-a") != leases.socket_name(str(tmp_path), "GPU-a")
+    long_name = leases.socket_name(lock_dir, "MIG-" + "x" * 200)
+    assert long_name.startswith(b"\0rtrain-gpu/") and len(long_name) < 108
 
 
 # ------------------------------------------------------------------ the lock dir itself
@@ -199,9 +258,9 @@ def test_a_private_lock_dir_of_ours_is_fine(tmp_path):
     d = tmp_path / "mine"
     d.mkdir(mode=0o700)
     assert leases.ensure_dir(str(d)) == str(d)
-    fd = leases.try_acquire(str(d), "GPU-a")
-    assert fd is not None
-    os.close(fd)
+    lease = leases.try_acquire(str(d), "GPU-a")
+    assert lease is not None
+    lease.release()
 
 
 def test_the_default_lock_dir_prefers_run_lock_when_it_is_sticky_and_world_writable(monkeypatch):
@@ -229,16 +288,16 @@ def test_lock_files_are_readable_by_all_whatever_the_umask(tmp_path):
     lock_dir = _locks(tmp_path)
     old = os.umask(0o077)
     try:
-        fd = leases.try_acquire(lock_dir, "GPU-a")
+        lease = leases.try_acquire(lock_dir, "GPU-a")
     finally:
         os.umask(old)
-    os.close(fd)
+    lease.release()
     assert stat.S_IMODE(os.stat(leases.lock_path(lock_dir, "GPU-a")).st_mode) == 0o644
 
 
 def test_no_lock_dir_means_nothing_leasable(tmp_path):
     assert leases.try_acquire(None, "GPU-a") is None and leases.is_held(None, "GPU-a")
-    assert leases.holders(None) == {}
+    assert leases.holders(None, ["GPU-a"]) == {}
     assert leases.waiter_path(None, "/home/a/.rtrain") is None
     assert leases.open_waiter(None) is None
     leases.wake_waiters(None)

@@ -1,7 +1,6 @@
 """The daemon keeps nvidia-smi off the hand-off path: the compute processes of our own running
 jobs (by session id) are ours, so the GPU a job of ours just left is free in the snapshot the
 daemon already holds; anyone else's process still makes a GPU busy."""
-import os
 import subprocess
 import sys
 
@@ -99,10 +98,10 @@ def test_daemon_asks_nvidia_smi_again_only_when_its_snapshot_cannot_be_trusted(t
     d._units(cfg, lock_dir)
     d._units(cfg, lock_dir)
     assert len(calls) == 1
-    os.close(a)                                  # our job ended: its GPU is free, no new query
+    a.release()                                  # our job ended: its GPU is free, no new query
     d._units(cfg, lock_dir)
     assert len(calls) == 1
-    os.close(b)                                  # theirs ended: B was busy, so ask again
+    b.release()                                  # theirs ended: B was busy, so ask again
     d._units(cfg, lock_dir)
     assert len(calls) == 2
     clock[0] += scheduler.SNAPSHOT_MAX_AGE_S     # too old: ask again

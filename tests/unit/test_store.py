@@ -230,7 +230,7 @@ def test_materialize_accepts_symlink_up_within_tree(tmp_path):
 def test_materialize_missing_blob_and_duplicates(tmp_path):
     st = Store(tmp_path / "store")
     h = sha(b"never sent")
-    with pytest.raises(StoreError, match=h):
+    with pytest.raises(StoreError, match=h[:12]):
         materialize(st, [{"path": "f", "type": "file", "hash": h, "size": 1, "exec": False}],
                        str(tmp_path / "w"))
     (h2,) = put(st, b"x")
@@ -317,7 +317,7 @@ def test_gc_writes_a_pack_again_with_the_kept_blobs(tmp_path):
     assert st.gc([]) == {"count": 2, "bytes": 8}
     assert packs(tmp_path / "store") == []
     dest = tmp_path / "w"
-    with pytest.raises(StoreError, match=h1):
+    with pytest.raises(StoreError, match=h1[:12]):
         materialize(st, [{"path": "f", "type": "file", "hash": h1, "size": 3, "exec": False}], str(dest))
 
 

@@ -191,9 +191,9 @@ def counted(monkeypatch):
     reads = []
     real = sync._hash_file
 
-    def spy(path):
+    def spy(path, expect=None):
         reads.append(os.path.basename(path))
-        return real(path)
+        return real(path, expect)
     monkeypatch.setattr(sync, "_hash_file", spy)
     return reads
 

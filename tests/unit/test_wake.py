@@ -43,3 +43,44 @@ def test_planted_files_and_symlinks_are_never_written(tmp_path):
     assert leases.open_waiter(str(plain)) is None
     assert leases.open_waiter(str(lock_dir / "rtrain-wake-0-aaaa.fifo")) is None
     assert victim.read_text() == "precious\n"
+
+
+def test_a_flood_of_wake_ups_through_the_lock_dir_is_no_busy_loop(tmp_path):
+    """Anyone can write to a waiting daemon's wake FIFO: a flood costs it at most one pass per
+    daemon.OTHERS_WAKE_GAP_S (the first wake-up is served at once)."""
+    import signal
+    import time
+    from launcher.agent import daemon, paths
+    home = paths.Home(str(tmp_path / "home")).ensure()
+    lock_dir = str(tmp_path / "locks")
+    os.mkdir(lock_dir, 0o700)
+    passes = tmp_path / "passes"
+    pid = os.fork()
+    if pid == 0:  # the daemon, its jobs always waiting for GPUs, counting its passes
+        try:
+            d = daemon.Daemon(home, ["agent"])
+            d.lock_dir = lock_dir
+            d.schedule = lambda: passes.open("a").write("x") and True
+            daemon.db.active = lambda con: [None]
+            d.serve()
+        finally:
+            os._exit(0)
+    try:
+        fifo = leases.waiter_path(lock_dir, home.root)
+        deadline = time.time() + 10
+        while not os.path.exists(fifo) and time.time() < deadline:
+            time.sleep(0.01)
+        start = passes.stat().st_size
+        end = time.monotonic() + 1.0
+        while time.monotonic() < end:
+            try:
+                fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+                os.write(fd, b"x")
+                os.close(fd)
+            except OSError:
+                pass
+        flood = passes.stat().st_size - start
+    finally:
+        os.kill(pid, signal.SIGTERM)
+        os.waitpid(pid, 0)
+    assert 5 <= flood <= 40, flood  # 1 s / OTHERS_WAKE_GAP_S = 20, and some slack

@@ -78,9 +78,10 @@ def test_a_build_that_fails_fails_the_job_and_says_why(tmp_path):
         assert _settle(d, con, job_id) == []
         row = db.get(con, job_id)
         assert row["state"] == "failed" and row["ended_at"]
-        assert row["message"].startswith("cannot build its work dir: blob ") and "not in the store" in row["message"]
+        assert row["message"].startswith("cannot build its work dir: the store's copy of ") and \
+            "is missing" in row["message"] and "submit again" in row["message"], row["message"]
         with open(home.job(job_id).log) as f:
-            assert "rtrain: cannot build the job's work dir: blob" in f.read()
+            assert "rtrain: cannot build the job's work dir: the store's copy of " in f.read()
         assert not os.path.exists(home.job(job_id).work)
 
 
@@ -100,3 +101,58 @@ def test_at_most_max_builders_at_once_in_queue_order(tmp_path):
         assert len(d.builders) <= workdirs.MAX_BUILDERS
         time.sleep(0.02)
     assert all(db.get(con, j)["state"] == "running" for j in jobs)
+
+
+def _flip(path, offset):
+    os.chmod(path, 0o644)
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0x20]))
+
+
+def test_a_damaged_or_cut_blob_fails_its_job_leaves_the_store_and_is_sent_again(tmp_path):
+    """A flipped byte in a pack, a pack cut short, a flipped byte in a large loose blob: the
+    job that needs them fails saying so, they leave the store, and the next submit's blobs
+    (what store.missing() asks for) repair it."""
+    home = _home(tmp_path)
+    con, job_id, entries = _queue(home, 4)
+    big = os.urandom(3 << 20)
+    big_hash = hashlib.sha256(big).hexdigest()
+    st = store.Store(home.store)
+    st.receive(io.BytesIO(b"%s %d\n%s" % (big_hash.encode(), len(big), big) + b"END\n"))
+    entries.append({"path": "big.bin", "type": "file", "size": len(big), "hash": big_hash})
+    with open(home.job(job_id).manifest, "w") as f:
+        json.dump({"entries": entries}, f)
+    packs = os.path.join(home.store, "packs")
+    pack = os.path.join(packs, os.listdir(packs)[0])
+    where = st.lookup([entries[1]["hash"]])[entries[1]["hash"]]
+    _flip(pack, where[1])                      # d1/f1.txt: one flipped byte
+    _flip(st.path(big_hash), 123456)           # big.bin: one flipped byte
+    d = daemon.Daemon(home, ["agent"])
+    assert _settle(d, con, job_id) == []
+    row = db.get(con, job_id)
+    assert row["state"] == "failed", row["message"]
+    assert "the store's copy of big.bin" in row["message"] and "damaged" in row["message"] and \
+        "(and 1 more)" in row["message"] and "submit again" in row["message"], row["message"]
+    assert st.missing([e["hash"] for e in entries]) == [entries[1]["hash"], big_hash]
+    # a pack cut short: missing at once, before any job trips on it
+    last = entries[3]["hash"]
+    os.truncate(pack, st.lookup([last])[last][1] + 1)
+    assert last in st.missing([last])
+    # the next submit sends them again, and a job on the same tree is built right
+    frames = b"".join(b"%s %d\n%s" % (h.encode(), len(b), b) for h, b in [
+        (entries[1]["hash"], b"file 1\n"), (entries[3]["hash"], b"file 3\n"), (big_hash, big)])
+    st.receive(io.BytesIO(frames + b"END\n"))
+    assert st.missing([e["hash"] for e in entries]) == []
+    job2 = db.insert_job(con, {"name": "t", "command": "true", "gpus": 0, "priority": 0,
+                               "retries": 0, "files": len(entries)})
+    os.makedirs(home.job(job2).dir)
+    with open(home.job(job2).manifest, "w") as f:
+        json.dump({"entries": entries}, f)
+    assert _settle(d, con, job2) == [job2]
+    with open(os.path.join(home.job(job2).work, "d1", "f1.txt"), "rb") as f:
+        assert f.read() == b"file 1\n"
+    with open(os.path.join(home.job(job2).work, "big.bin"), "rb") as f:
+        assert f.read() == big

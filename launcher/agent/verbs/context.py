@@ -1,6 +1,7 @@
 """What every verb gets: the request, the streams, RTRAIN_HOME and its job database."""
 import json
 import os
+import sqlite3
 
 from .. import daemon, db, paths
 from ..protocol import AgentError
@@ -33,6 +34,13 @@ class Context:
             except db.SchemaError as e:
                 raise AgentError("schema", "%s: %s" % (self.home.db, e),
                                  "upgrade rtrain on this machine to the one that used this host last")
+            except sqlite3.DatabaseError as e:
+                text = str(e).lower()
+                if "not a database" not in text and "malformed" not in text:
+                    raise
+                raise AgentError("bad_database", "the job database %s is damaged (%s)" % (
+                    self.home.db, e), "restore it from a backup, or move RTRAIN_HOME aside "
+                    "(mv %s %s.old) to start afresh" % (self.home_root, self.home_root))
         return self._con
 
     @property

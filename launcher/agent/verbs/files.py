@@ -37,13 +37,32 @@ def outputs(ctx):
             rel = os.path.relpath(full, top)
             rel = rel_top if rel == "." else (rel_top + "/" + rel if rel_top else rel)
             old = snap.get(rel)
-            if old is not None and old.get("size") == st.st_size and \
-                    st.st_mtime <= (row["started_at"] or 0):
+            if old is not None and _unchanged(full, st, old, row["started_at"] or 0):
                 continue
             files.append({"path": rel, "size": st.st_size, "mtime": st.st_mtime,
                           "exec": bool(st.st_mode & 0o111)})
     files.sort(key=lambda f: f["path"])
     return {"files": files, "work_dir": work}
+
+
+def _unchanged(full, st, entry, started):
+    """A file of the snapshot that the job left as it was. Not its mtime, which a job can set
+    back (a copy keeping times, an unpacked archive): its ctime, which nothing but the kernel
+    sets, older than the job (the work dir is built before it starts); or else its bytes,
+    which must still hash to the snapshot's."""
+    if entry.get("size") != st.st_size:
+        return False
+    if st.st_ctime < started - 2:
+        return True
+    import hashlib
+    h = hashlib.sha256()
+    try:
+        with open(full, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    except OSError:
+        return False
+    return h.hexdigest() == entry.get("hash")
 
 
 def _output_links(home, job_id):

@@ -2,7 +2,8 @@
 import json
 import os
 
-from .. import gpus, leases
+from .. import gpus, jobprocs, leases
+from ..protocol import AgentError
 
 
 def gpus_verb(ctx):
@@ -17,24 +18,37 @@ def gpus_verb(ctx):
         found = e.kind != "not_found"
         error = {"kind": e.kind, "message": e.message} if found else None
     mine = {}
-    for row in ctx.con.execute("SELECT id, gpus FROM jobs WHERE state='running'").fetchall():
-        for u in json.loads(row["gpus"]):
-            mine[u] = row["id"]
-    held = leases.holders(lock_dir)
+    try:
+        for row in ctx.con.execute("SELECT id, gpus FROM jobs WHERE state='running'").fetchall():
+            for u in json.loads(row["gpus"]):
+                mine[u] = row["id"]
+    except AgentError:
+        pass  # a damaged job database: `hello` says so; the GPUs can still be shown
+    held = leases.holders(lock_dir, [u["uuid"] for u in units])
+    left = _leftovers(ctx, lock_dir, [uuid for uuid, h in held.items()
+                                      if h["uid"] == os.getuid() and uuid not in mine])
     for u in units:
         u["job"] = mine.get(u["uuid"])
         u["holder"] = None
-        key = os.path.basename(leases.lock_path(lock_dir, u["uuid"]))[:-5]
+        h = held.get(u["uuid"]) or {}
         if u["job"] is not None:
             u["holder"] = "job %d" % u["job"]
-        elif key in held:
-            u["holder"] = "rtrain job of %s" % (leases.pid_user(held[key]) or "another user")
+        elif u["uuid"] in left:
+            u["holder"] = left[u["uuid"]]
+        elif h.get("how") == "socket":
+            u["holder"] = "rtrain job of %s" % (h["user"] or "another user")
+        elif h.get("how") == "file":
+            u["holder"] = "%s (its lease file is locked by pid %s)" % (
+                h["user"] or "another user", h["pid"])
         if u["holder"] and u["state"] == "free":
             u["state"] = "busy"
             u["reason"] = "leased"
         if u["state"] == "busy" and not u["holder"] and u.get("processes"):
             p = u["processes"][0]
             u["holder"] = "pid %s %s" % (p.get("pid"), p.get("name") or "")
+        if h.get("note") and not u["holder"]:
+            # junk at the lease file's name blocks older agents only: the lease is its socket
+            u["reason"] = "%s; ignored (remove it for older rtrain agents)" % h["note"]
     problem = None
     if units:
         try:
@@ -43,3 +57,26 @@ def gpus_verb(ctx):
             problem = str(e)
     return {"gpus": units, "error": error, "nvidia_smi_found": found, "lock_dir": lock_dir,
             "lock_dir_problem": problem}
+
+
+def _leftovers(ctx, lock_dir, uuids):
+    """{uuid: holder} for GPUs whose lease one of our own processes holds while no running job
+    of this home has them: processes a job left running when it ended (jobprocs.py)."""
+    if not uuids:
+        return {}
+    names = {leases.socket_name(lock_dir, u): u for u in uuids}
+    inodes = jobprocs.socket_inodes(names)
+    users = jobprocs.socket_users({i for s in inodes.values() for i in s})
+    mine = jobprocs.tag(ctx.home_root, "")
+    out = {}
+    for name, uuid in names.items():
+        pids = set()
+        for i in inodes.get(name, ()):
+            pids |= users.get(i, set())
+        jobs = {(jobprocs.environ_tag(p) or "") for p in pids}
+        ids = sorted(t[len(mine):] for t in jobs if t.startswith(mine))
+        if ids:
+            out[uuid] = "left running by job %s (%s)" % (", ".join(ids), jobprocs.describe(pids))
+        elif pids:
+            out[uuid] = "another rtrain of yours (%s)" % jobprocs.describe(pids)
+    return out

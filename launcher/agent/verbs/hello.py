@@ -2,10 +2,11 @@
 import os
 import platform
 import shutil
+import sqlite3
 import sys
 
-from .. import daemon, gpus
-from ..protocol import PROTOCOL, VERSION
+from .. import daemon, gpus, logind
+from ..protocol import PROTOCOL, VERSION, AgentError
 
 
 def hello(ctx):
@@ -25,7 +26,17 @@ def hello(ctx):
         disk_free = st.f_bavail * st.f_frsize
     except OSError:
         disk_free = None
+    database = None
+    if writable:
+        try:
+            ctx.con.execute("SELECT COUNT(*) FROM jobs").fetchone()
+        except AgentError as e:
+            database = {"message": e.message, "hint": e.hint}
+        except sqlite3.Error as e:
+            database = {"message": "the job database %s cannot be read (%s)" % (ctx.home.db, e),
+                        "hint": "restore it from a backup, or move RTRAIN_HOME aside to start afresh"}
     return {
+        "database": database, "logind": logind.state(user_name()),
         "agent_version": VERSION, "protocol": PROTOCOL,
         "python": platform.python_version(), "executable": sys.executable,
         "platform": platform.platform(), "hostname": platform.node(),

@@ -1,7 +1,8 @@
 """`status` (list or look up jobs) and `cancel`."""
 import time
 
-from .. import daemon, db, jobstate, monitor, runner
+from .. import daemon, db, jobprocs, jobstate, monitor, runner
+from .context import TERMINAL
 
 
 def status(ctx):
@@ -13,7 +14,7 @@ def status(ctx):
     ids = req.get("ids")
     hidden = 0
     if ids:
-        jobs = [ctx.public(ctx.job_row(i)) for i in ids]
+        jobs = [_with_leftovers(ctx, ctx.public(ctx.job_row(i))) for i in ids]
     else:
         where, args = [], []
         if req.get("states"):
@@ -53,7 +54,9 @@ def cancel(ctx):
             jobstate.ended(con, ctx.home, job_id)
             return {"job": ctx.public(row), "was": "queued"}
     if row["state"] != "running":
-        return {"job": ctx.public(row), "was": row["state"]}
+        # an ended job may have left processes running (setsid...) that hold its GPUs: end them
+        left = jobstate.end_leftovers(ctx.home, job_id) if row["state"] in TERMINAL else ()
+        return {"job": ctx.public(row), "was": row["state"], "ended_leftovers": len(left)}
     jobstate.request_cancel(ctx.home, row)
     deadline = time.time() + float(ctx.req.get("wait", 3.0))
     while time.time() < deadline:
@@ -62,3 +65,12 @@ def cancel(ctx):
         time.sleep(0.02)
     jobstate.finalize_exited(con, ctx.home)
     return {"job": ctx.public(db.get(con, job_id)), "was": "running"}
+
+
+def _with_leftovers(ctx, job):
+    """A job that ended but left processes running (they keep its GPUs): say which."""
+    if job["state"] in TERMINAL:
+        left = jobstate.end_leftovers(ctx.home, job["id"], only_look=True)
+        if left:
+            job["leftovers"] = jobprocs.describe(left)
+    return job

@@ -5,14 +5,17 @@ the store lacks (the client sends them on the same stdin), check the room the jo
 need, write the job's folder in tmp/, and commit: insert the job and rename its folder into
 jobs/N in one transaction, unless the client went away meanwhile (nobody would hear of the job:
 queue nothing, docs/design.md "Atomic submit")."""
+import fcntl
 import json
 import os
+import re
 import shutil
 import uuid as uuidlib
 
 from .. import autostop, db, fsutil, gclock, gpus, inventory, jobcontainer, jobproject, notify, paths, store
 from ..manifest import ManifestError, check_entries
 from ..protocol import AgentError
+from ..settings import env_problem
 from . import watch
 
 
@@ -22,36 +25,96 @@ def submit(ctx):
     it lost: "did you queue this?")."""
     req = ctx.req
     token = req.get("token")
+    if req.get("lookup"):
+        return _lookup(ctx, token)
     known = _by_token(ctx, token)
     if known is not None:
         return known
-    if req.get("lookup"):
-        raise AgentError("not_queued", "no job was queued for this submit")
     spec = _check_request(ctx)
     gclock.hold_shared(ctx.home)  # prune deletes no blob this submit counts on (gclock.py)
-    entries, size = _receive_snapshot(ctx)
-    # data (shared read-only per content, not copied per job) and the project file's part
-    data = (req.get("manifest") or {}).get("data") or []
-    project = jobproject.check(req.get("project"), data)
-    container = jobcontainer.check(req.get("container"))  # runs in a container (jobcontainer.py)
     home = ctx.home
-    _check_room(home, size, len(entries))
-    _sweep_tmp(home)
-    tmp = _job_folder(home, entries, req.get("env") or {}, data, project, spec.pop("notify"), spec.pop("stall"))
+    claim = _claim(home, token)  # until this process is done: a lookup says "still working"
     try:
-        jobcontainer.write(tmp, container)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    spec["files"] = len(entries)
-    spec["bytes"] = sum(int(e.get("size") or 0) for e in entries)
-    job_id = _commit(ctx, spec, token, tmp)
+        entries, size = _receive_snapshot(ctx)
+        # data (shared read-only per content, not copied per job) and the project file's part
+        data = (req.get("manifest") or {}).get("data") or []
+        project = jobproject.check(req.get("project"), data)
+        container = jobcontainer.check(req.get("container"))  # runs in a container (jobcontainer.py)
+        _check_room(home, size, len(entries))
+        _sweep_tmp(home)
+        tmp = _job_folder(home, entries, req.get("env") or {}, data, project, spec.pop("notify"),
+                          spec.pop("stall"))
+        try:
+            jobcontainer.write(tmp, container)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        spec["files"] = len(entries)
+        spec["bytes"] = sum(int(e.get("size") or 0) for e in entries)
+        job_id = _commit(ctx, spec, token, tmp)
+    finally:
+        _unclaim(claim)
     try:
         ctx.poke()
     except OSError:
         pass  # the job is queued; the next call that finds no daemon starts one
     watch.push_autostop(ctx)
     return {"job": ctx.public(db.get(ctx.con, job_id)), "duplicate": False}
+
+
+def _lookup(ctx, token):
+    """Did a submit with this token queue its job? The job if so; "still_pending" while an
+    agent still works on it (waiting for the job database's lock, say: it may yet queue it,
+    unless it finds its client gone); "not_queued" only once no agent works on it and none
+    queued it: the verdict is final (docs/design.md "Atomic submit")."""
+    if _claimed(ctx.home, token):
+        raise AgentError("still_pending", "an agent on the host is still working on this submit "
+                         "(the job database may be busy)", "check with `rtrain status` in a minute")
+    known = _by_token(ctx, token)  # read after the claim was seen free: a commit is visible
+    if known is not None:
+        return known
+    raise AgentError("not_queued", "no job was queued for this submit")
+
+
+_TOKEN = re.compile(r"\A[0-9a-f]{8,64}\Z")
+
+
+def _claim_path(home, token):
+    if not isinstance(token, str) or not _TOKEN.match(token):
+        return None
+    return os.path.join(home.tmp, "submit-%s.pending" % token)
+
+
+def _claim(home, token):
+    """An fd holding an flock on tmp/submit-TOKEN.pending for as long as this submit runs
+    (None without a token)."""
+    path = _claim_path(home, token)
+    if path is None:
+        return None
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            if os.path.samestat(os.fstat(fd), os.lstat(path)):
+                return (fd, path)
+        except OSError:
+            pass
+        os.close(fd)  # a sweep (_drop_stale_claim) took it for a dead one's: again
+
+
+def _unclaim(claim):
+    """Let go of the claim: unlinked first (a lookup finding no file sees the commit, if any)."""
+    if claim is not None:
+        try:
+            os.unlink(claim[1])
+        except OSError:
+            pass
+        os.close(claim[0])
+
+
+def _claimed(home, token):
+    path = _claim_path(home, token)
+    return path is not None and fsutil.flock_held(path)
 
 
 def _by_token(ctx, token):
@@ -76,9 +139,10 @@ def _check_request(ctx):
     if n > 0:
         _check_gpu_count(ctx.home, settings, n)
     env = req.get("env") or {}
-    if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str)
-                                            for k, v in env.items()):
-        raise AgentError("bad_request", "env must map names to strings")
+    if not isinstance(env, dict) or env_problem(env):
+        raise AgentError("bad_request", "env: %s" % (env_problem(env) if isinstance(env, dict)
+                                                     else "not a mapping of names to strings"),
+                         "fix `env:` in hosts.yaml or --env")
     git = (req.get("manifest") or {}).get("git") or {}
     try:
         notify_cfg = notify.check(req.get("notify"))
@@ -168,10 +232,12 @@ def _job_folder(home, entries, env, data=(), project=None, notify_cfg=None, stal
 def _commit(ctx, spec, token, tmp):
     con = ctx.con
     try:
-        if ctx.req.get("upload") and _client_gone(ctx.stdin):
-            raise AgentError("client_gone", "the client went away before the job was queued",
-                             "submit again")
         with db.Tx(con):
+            # asked once the database is ours: a client that gave up while the lock was held
+            # (longer than its io_timeout) is not there to hear of the job
+            if ctx.req.get("upload") and _client_gone(ctx.stdin):
+                raise AgentError("client_gone", "the client went away before the job was queued",
+                                 "submit again")
             job_id = db.insert_job(con, spec)
             if token:
                 con.execute("INSERT INTO tokens VALUES (?, ?)", (token, job_id))
@@ -240,6 +306,9 @@ def _sweep_tmp(home):
         return
     prefix = "job-%s-" % _node()
     for name in names:
+        if name.startswith("submit-") and name.endswith(".pending"):
+            _drop_stale_claim(os.path.join(home.tmp, name))
+            continue
         if not name.startswith(prefix):
             continue
         try:
@@ -248,6 +317,21 @@ def _sweep_tmp(home):
             continue
         if pid != os.getpid() and not fsutil.alive(pid):
             shutil.rmtree(os.path.join(home.tmp, name), ignore_errors=True)
+
+
+def _drop_stale_claim(path):
+    """A claim left by a submit whose agent died (nobody holds its flock)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.unlink(path)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _default_name(command):
