@@ -2,6 +2,7 @@
 names an image through `docker run` (a private dockerd) or rootless `podman run` (a test user),
 as the daemon would: exit code, log, the user's uid on files it writes, GPUs (a test CDI spec for
 podman, the clear error for docker), and a cancel that stops the container in time."""
+import fcntl
 import grp
 import json
 import os
@@ -98,8 +99,9 @@ class Job:
         if owner is not None:
             os.chown(self.root, owner.pw_uid, owner.pw_gid)
 
-    def start(self, command, gpus=(), grace=2, env=None, **container):
-        """Fork the wrapper as the daemon does (as the engine's user); returns its pid."""
+    def start(self, command, gpus=(), grace=2, env=None, lease=None, **container):
+        """Fork the wrapper as the daemon does (as the engine's user); returns its pid. lease: a
+        file the wrapper holds an flock on, as it holds a GPU lease (passed to the job)."""
         spec = {"id": self.id, "command": command, "env": env or {}, "grace": grace, "gpus": list(gpus),
                 "lock_dir": None, "container": dict({"image": self.engine.image, "engine": self.engine.name,
                                                      "pull": "never"}, **container)}
@@ -118,9 +120,13 @@ class Job:
                 os.chdir("/")
                 self.home.ensure()
                 os.makedirs(self.home.job(self.id).work)
+                fds = []
+                if lease is not None:
+                    fds.append(os.open(lease, os.O_RDWR))
+                    fcntl.flock(fds[0], fcntl.LOCK_EX)
                 os.write(w, b"x")
                 os.close(w)
-                runner.run_wrapper(self.home, spec, [], lambda: None)
+                runner.run_wrapper(self.home, spec, fds, lambda: None)
             finally:
                 os._exit(99)
         os.close(w)
@@ -314,3 +320,37 @@ def test_engine_stop_helper(engine, job_factory):
     assert time.time() - t0 < 3
     ex = job.wait()
     assert ex["exit_code"] == 143 or ex["exit_code"] == 128 + 15, (ex, job.log())
+
+
+def _lease_free(path):
+    fd = os.open(path, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def test_the_lease_lasts_as_long_as_the_container_not_the_engine_client(engine, job_factory):
+    """The engine's client dies (SIGKILL) while its container runs on: the wrapper keeps the
+    lease until the engine says the container is gone (it removes it), never before."""
+    job = job_factory(engine)
+    lease = job.root / "gpu.lock"
+    lease.write_text("")
+    os.chmod(lease, 0o666)
+    job.start("echo started; exec sleep 1000", lease=str(lease))
+    deadline = time.time() + 30
+    while "started" not in job.log() and time.time() < deadline:
+        time.sleep(0.02)
+    assert not _lease_free(str(lease)) and engine.call(H.engine_is_running, job.name()) is True
+    client = json.loads((Path(job.home.job(job.id).dir) / "pid.json").read_text())["pgid"]
+    os.kill(client, signal.SIGKILL)
+    deadline = time.time() + 60
+    while not _lease_free(str(lease)) and time.time() < deadline:
+        time.sleep(0.005)
+    assert _lease_free(str(lease))
+    assert engine.call(H.engine_is_running, job.name()) is False  # gone before the lease was
+    ex = job.wait()
+    assert ex["signal"] == "SIGKILL" and not ex["cancelled"]
