@@ -33,6 +33,7 @@ CANNOT_RUN = 125  # the engines' own exit code for "could not run the container"
 _probes = {}   # what -> (at, value): engines and GPU support, asked at most every PROBE_TTL_S
 _plans = {}    # (home, job id, attempts) -> its image build's plan
 _next_sweep = {}  # home -> when this process may look at its containers again
+_noted = set()    # (home, engine) written into the home's USED record by this process
 
 
 # ---------------------------------------------------------------- submit
@@ -57,13 +58,13 @@ def _note_engine(home, engine):
     """The home's record of the engines its jobs use: reconcile lists only their containers
     (asking an engine nobody here uses could make its storage)."""
     path = os.path.join(home.root, USED)
-    if _probes.get(("used", path)) == engine:
+    if (path, engine) in _noted:
         return
     rec = fsutil.read_json(path)
     engines = rec.get("engines") if isinstance(rec, dict) and isinstance(rec.get("engines"), list) else []
     if engine not in engines:
         fsutil.write_json_atomic(path, {"engines": sorted(set(engines) | {engine})}, durable=False)
-    _probes[("used", path)] = engine
+    _noted.add((path, engine))
 
 
 def read(home, job_id):
