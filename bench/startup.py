@@ -2,7 +2,9 @@
 """Start-up cost: `rtrain --version` and `rtrain status` (empty history, local host) against a
 bare `python -c pass`, in one run; then `rtrain status` with 10,000 jobs in the history, on the
 local host and, as root (it starts its own sshd for the user rtrain-bench), over SSH on
-loopback, next to a bare paramiko connect + exec of `true`.
+loopback: with the default transport (OpenSSH) on a warm shared connection, next to `ssh host
+true` on that same connection; and with `transport: paramiko`, next to a bare paramiko
+connect + exec of `true`.
 Usage: python3 bench/startup.py [--runs 20] [--jobs 10000] [--no-ssh]"""
 import argparse
 import os
@@ -44,7 +46,8 @@ def fill(home, n):
 
 
 def ssh_status(n, runs, tmp):
-    """(rtrain status over ssh with n jobs, the same with --json --all, paramiko connect+exec)."""
+    """{figure: seconds}: rtrain status over ssh with n jobs (openssh, warm; paramiko), the same
+    with --json --all, `ssh host true` on rtrain's shared connection, paramiko connect+exec."""
     sys.path.insert(0, str(REPO / "tests"))
     sys.path.insert(0, str(REPO / "tests" / "integration"))
     import conftest
@@ -63,23 +66,47 @@ def ssh_status(n, runs, tmp):
         fill(home, n)
         subprocess.run(["chown", "-R", "%s:%s" % (user, user), str(home)], check=True)
         hosts = tmp / "hosts.yaml"
-        hosts.write_text("hosts:\n  tower:\n    ssh: %s@127.0.0.1:%d\n    identity_file: %s\n"
-                         "    home: %s\n" % (user, sshd.port, sshd.user_key, home))
-        env = dict(sshd.env(), RTRAIN_HOME=str(tmp / "local-home"))
+        text = "hosts:\n  tower:\n    ssh: %s@127.0.0.1:%d\n    identity_file: %s\n    home: %s\n" % (
+            user, sshd.port, sshd.user_key, home)
+        hosts.write_text(text)
+        pm_hosts = tmp / "hosts-paramiko.yaml"
+        pm_hosts.write_text(text + "    transport: paramiko\n")
+        ctl = tmp / "cm"
+        env = dict(sshd.env(), RTRAIN_HOME=str(tmp / "local-home"), RTRAIN_SSH_CONTROL_DIR=str(ctl))
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
         rt = [sys.executable, "-m", "launcher", "--hosts", str(hosts)]
-        timed(rt + ["status", "--host", "tower"], env, 1)  # ships the agent once
-        st = timed(rt + ["status", "--host", "tower"], env, runs)
-        st_json = timed(rt + ["status", "--host", "tower", "--json", "--all"], env, max(3, runs // 2))
+        timed(rt + ["status", "--host", "tower"], env, 1)  # ships the agent, opens the shared connection
+        out = {}
+        out["st"] = timed(rt + ["status", "--host", "tower"], env, runs)
+        out["st_json"] = timed(rt + ["status", "--host", "tower", "--json", "--all"], env, max(3, runs // 2))
+        [sock] = [p for p in ctl.iterdir() if p.is_socket()]
+        out["mux_true"] = timed(["ssh", "-F", "/dev/null", "-o", "ControlPath=%s" % sock, "-p", str(sshd.port),
+                                 "-l", user, "127.0.0.1", "true"], env, runs)
+        rtp = [sys.executable, "-m", "launcher", "--hosts", str(pm_hosts)]
+        out["st_pm"] = timed(rtp + ["status", "--host", "tower"], env, runs)
         pm = timed([sys.executable, "-c", (
             "import paramiko\nc = paramiko.SSHClient()\nc.load_host_keys(%r)\n"
             "c.set_missing_host_key_policy(paramiko.RejectPolicy())\n"
             "c.connect('127.0.0.1', port=%d, username=%r, key_filename=%r, allow_agent=False, "
             "look_for_keys=False)\n_, o, _ = c.exec_command('true')\no.channel.recv_exit_status()\n"
             "c.close()\n") % (str(sshd.known_hosts), sshd.port, user, str(sshd.user_key))], env, runs)
+        out["pm"] = pm
         shutil.rmtree(str(home), ignore_errors=True)
-        return st, st_json, pm
+        return out
     finally:
+        from launcher.openssh import close_master
+        for p in (tmp / "cm").glob("*"):
+            if p.is_socket():
+                close_master("ssh", str(p))
         sshd.stop()
+
+
+def cleanup(tmp):
+    """Stop the local daemon the runs started; remove the temp dir."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from support import stop_agent
+    stop_agent(tmp / "home")
+    shutil.rmtree(str(tmp), ignore_errors=True)
 
 
 def main():
@@ -110,12 +137,20 @@ def main():
     print("  rtrain status --json --all, %d  %7.1f ms" % (a.jobs, st10k_json * 1000))
     if a.no_ssh or os.geteuid() != 0 or not shutil.which("sshd") and not os.path.exists("/usr/sbin/sshd"):
         print("  (over SSH: skipped; run as root with openssh-server installed)")
+        cleanup(tmp)
         return
-    st, st_json, pm = ssh_status(a.jobs, a.runs, tmp / "ssh")
+    try:
+        r = ssh_status(a.jobs, a.runs, tmp / "ssh")
+    finally:
+        cleanup(tmp)
     print("over SSH on 127.0.0.1, %d jobs in the history:" % a.jobs)
-    print("  paramiko connect + exec true        %7.1f ms" % (pm * 1000))
-    print("  rtrain status                       %7.1f ms   (%.2fx)" % (st * 1000, st / pm))
-    print("  rtrain status --json --all          %7.1f ms" % (st_json * 1000))
+    print("  ssh host true, on rtrain's shared connection  %7.1f ms" % (r["mux_true"] * 1000))
+    print("  rtrain status (openssh, warm)                 %7.1f ms   (%.1fx; +%.0f ms)" % (
+        r["st"] * 1000, r["st"] / r["mux_true"], (r["st"] - r["mux_true"]) * 1000))
+    print("  rtrain status --json --all (openssh, warm)    %7.1f ms" % (r["st_json"] * 1000))
+    print("  paramiko connect + exec true                  %7.1f ms" % (r["pm"] * 1000))
+    print("  rtrain status (transport: paramiko)           %7.1f ms   (%.2fx of paramiko)" % (
+        r["st_pm"] * 1000, r["st_pm"] / r["pm"]))
 
 
 if __name__ == "__main__":

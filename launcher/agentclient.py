@@ -12,6 +12,10 @@ from . import agentpkg
 from .agent.protocol import PROTOCOL
 from .errors import AgentReplyError, HostError
 
+# Verbs whose small requests (no secrets in them) may travel as an argument: see _start
+INLINE_VERBS = ("hello", "status", "gpus", "cancel", "logs", "outputs", "read")
+INLINE_MAX = 16 << 10
+
 
 class _AgentMissing(Exception):
     """The agent file is not on the host (yet): ship it and call again."""
@@ -112,12 +116,21 @@ class AgentClient:
         # (agentboot.py): a planted agent file never runs.
         return agentpkg.boot_argv(self.transport.python, self.agent_path(), verb)
 
-    def _start(self, verb, req):
+    def _start(self, verb, req, inline=False):
         proc = self._take_prestarted(verb)
-        if proc is None:
-            proc = self.transport.start(self._argv(verb))
         body = dict(self.base_request())
         body.update(req)
+        if proc is None and inline and verb in INLINE_VERBS and \
+                getattr(self.transport, "request_in_argv", False):
+            line = json.dumps(body)
+            if len(line) <= INLINE_MAX:
+                # the request as an argument (docs/contracts.md): OpenSSH sends a session's
+                # stdin only once its exec is confirmed, a round trip later
+                proc = self.transport.start(self._argv(verb) + ["--request", line])
+                proc.close_stdin()
+                return proc
+        if proc is None:
+            proc = self.transport.start(self._argv(verb))
         try:
             proc.write(json.dumps(body).encode("utf-8") + b"\n")
         except (HostError, OSError) as e:
@@ -177,7 +190,9 @@ class AgentClient:
                     return self._reply(proc, early, verb)
                 sent = True
         except HostError as e:
-            e.request_sent = sent
+            # an ssh child says whether its session ever opened (sshproc.py): if not, nothing
+            # written reached the agent
+            e.request_sent = sent and getattr(proc, "delivered", True)
             proc.kill()
             raise
         except BaseException:
@@ -189,7 +204,7 @@ class AgentClient:
             proc.close_stdin()
 
     def _call(self, verb, req):
-        proc = self._start(verb, req or {})
+        proc = self._start(verb, req or {}, inline=True)
         try:
             proc.close_stdin()
             line = proc.readline()
@@ -219,7 +234,7 @@ class AgentClient:
             gen.close()
 
     def _stream(self, verb, req=None):
-        proc = self._start(verb, req or {})
+        proc = self._start(verb, req or {}, inline=True)
         proc.close_stdin()
         try:
             while True:

@@ -5,7 +5,7 @@ import os
 import time
 
 from . import hosts as hostsmod
-from .errors import RtrainError
+from .errors import AgentReplyError, RtrainError
 
 HIDE_FINISHED_AFTER_S = 24 * 3600
 
@@ -52,8 +52,13 @@ def gpu_hours(job, now=None):
 
 
 def cancel(session, ref):
-    host, n, _ = session.find(ref)
-    res = session.client(host).call("cancel", {"id": n})
+    host, n = session.locate(ref)  # one call, not a lookup first: one round trip less
+    try:
+        res = session.client(host).call("cancel", {"id": n})
+    except AgentReplyError as e:
+        if e.code == "no_such_job":
+            raise hostsmod.not_found(ref)
+        raise
     out = session.decorate(host, res["job"])
     out["was"] = res["was"]
     out["ended_leftovers"] = res.get("ended_leftovers", 0)

@@ -104,8 +104,10 @@ def build_parser():
                          "prune_keep, else 10)")
     pr.add_argument("-n", "--dry-run", action="store_true", help="say what would go, remove nothing")
 
-    h = verb("hosts", help="check each host: ssh, python, agent, nvidia-smi, disk")
+    h = verb("hosts", help="check each host: transport, ssh, python, agent, nvidia-smi, disk")
     h.add_argument("host", nargs="?")
+    h.add_argument("--disconnect", action="store_true",
+                   help="close the shared SSH connections (of HOST, or all) instead")
 
     a = verb("autostop", help="see or change when an idle host stops itself (a cloud VM)",
              description="What the host's autostop will do and when; or change it until autostop: in "

@@ -193,6 +193,16 @@ def cmd_pull(args, session_factory):
 
 def cmd_hosts(args, session_factory):
     from . import doctor, render
+    if args.disconnect:
+        from . import connections
+        with session_factory(args) as s:
+            closed, others = connections.disconnect(s.cfg, args.host)
+        for host, what in closed:
+            print("%s: %s" % (host, {"closed": "shared connection closed", "none": "no shared connection",
+                                     "not shared": "no shared connection (not an openssh host)"}[what]))
+        if others:
+            print("closed %d other shared connection(s)" % others)
+        return 0
     with session_factory(args) as s:
         results = doctor.doctor(s, args.host)
     render.doctor(results)

@@ -32,6 +32,9 @@ HOST_KEYS = {
     "gpu_util_busy": "a GPU at or below this utilization (percent) counts as idle (default 5)",
     "price_per_gpu_hour": "what one GPU-hour costs on this host (status and usage show costs)",
     "compare_price": "a GPU-hour's price elsewhere (a cloud's), that usage compares with",
+    "transport": "openssh or paramiko (default: openssh where an OpenSSH client is installed)",
+    "control_persist": "how long a shared OpenSSH connection stays open after use: seconds or "
+                       "10m/1h (default 10m); 0 or no: no sharing",
     "container_engine": "docker or podman: what runs container jobs (--image, image: in rtrain.yaml); "
                         "default: podman where you can run it rootless, else docker",
 }
@@ -64,6 +67,8 @@ class Host:
     gpu_util_busy: float = 5
     price_per_gpu_hour: Optional[float] = None
     compare_price: Optional[float] = None
+    transport: Optional[str] = None  # None: openssh where it can be used (sshcommon.transport_of)
+    control_persist: str = "10m"     # "no": no connection sharing
     container_engine: Optional[str] = None
 
 
@@ -244,6 +249,13 @@ def _host(path, name, line, node):
         if not isinstance(data["accept_new_host_key"], bool):
             bad("accept_new_host_key", "true or false")
         kw["accept_new_host_key"] = data["accept_new_host_key"]
+    if "transport" in data:
+        if data["transport"] not in ("openssh", "paramiko"):
+            bad("transport", "openssh or paramiko")
+        kw["transport"] = data["transport"]
+    if "control_persist" in data:
+        kw["control_persist"] = _persist(data["control_persist"]) or bad(
+            "control_persist", "a number of seconds, a time like 10m or 1h, or 0/no")
     if "env" in data:
         e = data["env"]
         if not isinstance(e, dict) or not all(isinstance(k, str) for k in e):
@@ -285,3 +297,17 @@ def _watch_keys(data, bad, kw):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (top and v > top):
                 bad(key, "a number from 0 to 100" if top else "a number >= 0")
             kw[key] = v
+
+
+def _persist(v):
+    """control_persist -> what OpenSSH's ControlPersist takes ("no": sharing off), or None."""
+    import re
+    if v is False or v == 0 or (isinstance(v, str) and v.strip().lower() in ("0", "no", "false", "off")):
+        return "no"
+    if isinstance(v, bool) or v is None:
+        return None
+    if isinstance(v, int) and v > 0:
+        return str(v)
+    if isinstance(v, str) and re.fullmatch(r"(\d+[smhdwSMHDW]?)+", v.strip()):
+        return v.strip()
+    return None

@@ -2,7 +2,7 @@
 disk), and say what to fix."""
 import time
 
-from . import containercheck
+from . import connections, containercheck
 from . import hosts as hostsmod
 from .errors import HostError, RtrainError
 
@@ -15,6 +15,7 @@ def doctor(session, host=None):
         h = session.cfg.get(name)
         c = session.client(name)
         out = []
+        before = connections.state(c.transport)  # was a shared connection up before this call?
         t0 = time.monotonic()
         try:
             hello = c.call("hello", {"settings": c.settings(), "autostop": h.autostop,
@@ -28,6 +29,7 @@ def doctor(session, host=None):
         if h.kind == "ssh":
             out.append({"name": "ssh", "ok": True, "detail": "%s reached in %.0f ms" % (
                 h.ssh, (time.monotonic() - t0) * 1000), "fix": ""})
+            out.append(connections.check(c.transport, before))
         py = tuple(int(x) for x in hello["python"].split(".")[:2])
         out.append({"name": "python", "ok": py >= (3, 8), "detail": "%s (%s)" % (
             hello["python"], hello["executable"]),

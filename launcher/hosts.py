@@ -12,8 +12,17 @@ def open_client(host, accept_new_host_key=False):
         from .transport import LocalTransport
         python = sys.executable if host.python in (None, "python3") else host.python
         return AgentClient(host, LocalTransport(host.name, python=python, home=host.home))
-    from .ssh import SSHTransport
-    return AgentClient(host, SSHTransport(host, accept_new_host_key=accept_new_host_key))
+    return AgentClient(host, ssh_transport(host, accept_new_host_key))
+
+
+def ssh_transport(host, accept_new_host_key=False):
+    """The host's `transport:`, else OpenSSH where it can share connections, else paramiko."""
+    from .sshcommon import transport_of
+    if transport_of(host) == "openssh":
+        from .openssh import OpenSSHTransport
+        return OpenSSHTransport(host, accept_new_host_key=accept_new_host_key)
+    from .paramiko_transport import ParamikoTransport
+    return ParamikoTransport(host, accept_new_host_key=accept_new_host_key)
 
 
 def default_host(cfg):

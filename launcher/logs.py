@@ -3,7 +3,8 @@ connections, with a watchdog for networks that die silently (docs/contracts.md "
 import os
 import time
 
-from .errors import HostError, RtrainError
+from . import hosts as hostsmod
+from .errors import AgentReplyError, HostError, RtrainError
 
 
 LOGS_HEARTBEAT_S = 2.0   # the agent says "still here" this often while a followed log is quiet
@@ -18,7 +19,7 @@ def logs(session, ref, follow=False, tail=None, retry_for=None, sleep=time.sleep
     goes silent (no data and no heartbeat for `stall_after` seconds, RTRAIN_LOGS_STALL_S) counts
     as dropped: without a RST, TCP alone would wait many minutes to notice."""
     import base64
-    host, n, _ = session.find(ref)
+    host, n = session.locate(ref)  # the logs call itself says when there is no such job
     if stall_after is None:
         stall_after = float(os.environ.get("RTRAIN_LOGS_STALL_S") or LOGS_STALL_S)
     offset = None
@@ -37,7 +38,9 @@ def logs(session, ref, follow=False, tail=None, retry_for=None, sleep=time.sleep
                 client = session.client(host)
                 # until the first frame, the connection is still being made (SSH handshake, agent
                 # start-up on a busy host): allow more, lest a slow start be taken for a dead one
-                watchdog.arm(getattr(getattr(client, "transport", None), "close", None),
+                # abort(): the connection went silent, so a shared one is dead too (openssh.py)
+                t = getattr(client, "transport", None)
+                watchdog.arm(getattr(t, "abort", None) or getattr(t, "close", None),
                              limit=CONNECT_STALL_FACTOR * stall_after)
                 for frame in client.stream("logs", req):
                     watchdog.pet()
@@ -68,6 +71,10 @@ def logs(session, ref, follow=False, tail=None, retry_for=None, sleep=time.sleep
                     elif "hb" in frame:
                         if offset is None:
                             offset = frame["hb"]
+            except AgentReplyError as err:
+                if err.code == "no_such_job":
+                    raise hostsmod.not_found(ref)
+                raise
             except HostError as caught:
                 e = caught if not watchdog.fired else HostError(
                     host, "no word from the host for %gs" % watchdog.fired,

@@ -58,6 +58,14 @@ class Session:
             return [host]
         return list(self.cfg.hosts)
 
+    def locate(self, ref):
+        """(host, numeric id) for a job reference: without a call when it names the host (or
+        there is a default host), else by asking every host (find)."""
+        host, n = hostsmod.parse_ref(self.cfg, ref)
+        if host is not None:
+            return host, n
+        return self.find(ref)[:2]
+
     def find(self, ref):
         """(host, numeric id, job dict) for a job reference, asking every host if needed."""
         host, n = hostsmod.parse_ref(self.cfg, ref)

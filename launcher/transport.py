@@ -3,7 +3,8 @@
 A transport knows one host. It starts the agent as a process (`python3 AGENT VERB`)
 and hands back an AgentProcess: bytes in on stdin, JSON lines out on stdout.
 The framing and error mapping live in agentclient.py, shared by every transport;
-the SSH transport (ssh.py) only implements the same few methods over paramiko.
+the SSH transports (openssh.py, the default; paramiko_transport.py) implement the same few
+methods over the system `ssh` client and over paramiko (docs/contracts.md, "Transports").
 """
 import os
 import subprocess
@@ -66,10 +67,7 @@ class _Popen(AgentProcess):
         self._p.stdin.flush()
 
     def close_stdin(self):
-        try:
-            self._p.stdin.close()
-        except OSError:
-            pass
+        close_stream(self._p.stdin)
 
     def readline(self):
         return self._p.stdout.readline()
@@ -131,3 +129,11 @@ class LocalTransport(Transport):
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             env=full_env)
         return _Popen(p)
+
+
+def close_stream(stream):
+    """Close a pipe to a process that may be gone already."""
+    try:
+        stream.close()
+    except OSError:
+        pass

@@ -1,6 +1,7 @@
 #!/bin/bash
 # Everything the tests need on a fresh Debian/Ubuntu machine (run as root, or with sudo):
-# OpenSSH's sshd for the integration tests, git, rsync and task-spooler for the benchmarks,
+# OpenSSH's sshd and client and iptables (a ProxyJump chain test) for the integration tests, git,
+# rsync and task-spooler for the benchmarks,
 # Slurm (slurmctld, slurmd, its client commands) and munge for the Slurm tests, container engines
 # (docker, rootless podman, mmdebstrap for the base image) for the container tests, and rtrain
 # itself with its Python dependencies (and ruff, the linter .ci/run runs).
@@ -9,6 +10,7 @@ cd "$(dirname "$0")/.."
 SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
 need=""
 for pair in sshd:openssh-server ssh:openssh-client git:git rsync:rsync tsp:task-spooler \
+            iptables:iptables unshare:util-linux \
             slurmctld:slurmctld slurmd:slurmd sbatch:slurm-client munged:munge; do
   cmd=${pair%%:*}; pkg=${pair#*:}
   command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || need="$need $pkg"

@@ -17,8 +17,13 @@ def agent_argv():
     return [sys.executable, "-m", __package__]
 
 
-def _read_request(stream):
-    line = stream.readline()
+def _read_request(stream, argv=()):
+    """The request: `--request JSON` after the verb (small requests, docs/contracts.md), else
+    the first line of stdin."""
+    if len(argv) >= 3 and argv[1] == "--request":
+        line = argv[2].encode("utf-8")
+    else:
+        line = stream.readline()
     if not line:
         raise AgentError("bad_request", "no request on stdin (the connection may have dropped)")
     try:
@@ -75,7 +80,7 @@ def main(argv=None):
             raise AgentError("bad_verb", "unknown verb %r (agent %s); known: %s" % (
                 verb, protocol.VERSION, ", ".join(sorted(verbs.VERBS))))
         stdin = sys.stdin.buffer
-        req = _read_request(stdin)
+        req = _read_request(stdin, argv)
         ctx = Context(req, stdin, out, agent_argv())
         home = ctx.home_root
         result = fn(ctx)

@@ -61,14 +61,6 @@ def ensure_wrapper(home):
     return path
 
 
-def _write_private(path, data):
-    tmp = "%s.tmp%d" % (path, os.getpid())
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def env0(env):
     """The NUL-separated NAME=VALUE entries the wrapper exports (no shell quoting to get wrong)."""
     out = []
@@ -93,8 +85,8 @@ def prepare(home, job):
     """Write a job's command, env0 and empty log into its folder (which holds work/ already).
     job: {"id": N, "command": str, "env": {...}}."""
     d = home.job(job["id"]).dir
-    _write_private(os.path.join(d, "command"), job["command"].encode("utf-8"))
-    _write_private(os.path.join(d, "env0"), env0(job_env(job["id"], job.get("env"))))
+    fsutil.write_private(os.path.join(d, "command"), job["command"].encode("utf-8"))
+    fsutil.write_private(os.path.join(d, "env0"), env0(job_env(job["id"], job.get("env"))))
     fd = os.open(home.job(job["id"]).log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     os.close(fd)
 
@@ -252,7 +244,7 @@ def cancel(home, job_ids, env=None):
     it), then one scancel for all. Returns {rtrain id: None, or Slurm's reason it could not}."""
     sids = {}
     for j in job_ids:
-        _write_private(home.job(j).cancel, b"")
+        fsutil.write_private(home.job(j).cancel, b"")
         sid = slurm_id(home, j)
         if sid:
             sids[j] = sid

@@ -35,6 +35,7 @@ class Sshd:
     def __init__(self, root):
         self.root = Path(root)
         self.procs = []
+        self.transport = None  # the `transport:` hosts_yaml writes (the ssh_transport fixture sets it)
         self.bin_dir = self.root / "bin"          # first on every test user's PATH
         self.nopy_dir = self.root / "nopy-bin"    # the PATH of a host without python3
         self.lock_dir = self.root / "locks"
@@ -59,6 +60,10 @@ class Sshd:
         """Start one sshd; returns (port, host key path, a known_hosts file naming it).
         set_env: more variables of every session (PATH replaces the default), e.g. SLURM_CONF."""
         port = free_port()
+        base, n = name, 1
+        while (self.root / ("host_%s" % name)).exists():  # a test run once per transport
+            n += 1
+            name = "%s%d" % (base, n)
         key = self.root / ("host_%s" % name)
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
         conf = self.root / ("sshd_%s.conf" % name)
@@ -91,7 +96,8 @@ class Sshd:
         return port, key, kh
 
     def hosts_yaml(self, path, hosts, default=None):
-        """hosts: {name: (user, port) or (user, port, extra dict)}; each gets a private home."""
+        """hosts: {name: (user, port) or (user, port, extra dict)}; each gets a private home and
+        the transport under test (self.transport), unless extra names one."""
         lines = ["default: %s" % default] if default else []
         lines.append("hosts:")
         for name, spec in hosts.items():
@@ -102,6 +108,8 @@ class Sshd:
                       "    home: %s" % extra.get("home", "~/.rtrain-%s" % uuid.uuid4().hex[:8]),
                       "    lock_dir: %s" % extra.get("lock_dir", self.lock_dir),
                       "    connect_timeout: %s" % extra.get("connect_timeout", 5)]
+            if self.transport and "transport" not in extra:
+                lines.append("    transport: %s" % self.transport)
             for k, v in extra.items():
                 if k not in ("identity_file", "lock_dir", "connect_timeout", "home"):
                     lines.append("    %s: %s" % (k, v))
@@ -117,7 +125,24 @@ class Sshd:
         env.update(extra)
         return env
 
+    def close_masters(self):
+        """Close the OpenSSH master connections the tests left (their sockets are under root)."""
+        import stat
+        import sys
+        if str(REPO) not in sys.path:
+            sys.path.insert(0, str(REPO))
+        from launcher.openssh import close_master
+        for d, _, files in os.walk(str(self.root)):
+            for f in files:
+                p = os.path.join(d, f)
+                try:
+                    if stat.S_ISSOCK(os.lstat(p).st_mode):
+                        close_master("ssh", p)
+                except OSError:
+                    pass
+
     def stop(self):
+        self.close_masters()
         for p in self.procs:
             p.terminate()
         for p in self.procs:
@@ -132,6 +157,33 @@ def _ensure_users():
         if subprocess.run(["id", u], capture_output=True).returncode != 0:
             subprocess.run(["useradd", "-m", "-s", "/bin/bash", u], check=True, capture_output=True)
             subprocess.run(["usermod", "-p", "*", u], check=True, capture_output=True)
+
+
+SSH_TRANSPORTS = ("openssh", "paramiko")
+
+
+def pytest_generate_tests(metafunc):
+    """Every test that talks to the sshd runs once per SSH transport."""
+    if "sshd" in metafunc.fixturenames and "ssh_transport" in metafunc.fixturenames:
+        # a module may narrow it (test_openssh.py: connection sharing is OpenSSH's alone), or
+        # say () when it drives ssh itself, not rtrain's transports (test_slurm.py)
+        transports = getattr(metafunc.module, "SSH_TRANSPORTS", SSH_TRANSPORTS)
+        if transports:
+            metafunc.parametrize("ssh_transport", transports, indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def ssh_transport(request):
+    """The transport under test ("openssh" or "paramiko"), written into every hosts.yaml that
+    sshd.hosts_yaml makes; None for tests without the sshd."""
+    t = getattr(request, "param", None)
+    if t is None:
+        yield None
+        return
+    s = request.getfixturevalue("sshd")
+    s.transport = t
+    yield t
+    s.transport = None
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ job's log file byte for byte, and it must exit with the job's exit code.
 No timed assertions: every wait is for progress, with a generous timeout."""
 import json
 import os
+import pwd
 import random
 import signal
 import subprocess
@@ -109,25 +110,68 @@ def _tcp_table():
     return rows  # (local port, remote port, state, inode)
 
 
+def _client_pids(pid):
+    """pid, its descendants, and the OpenSSH masters (`ssh: PATH [mux]`, daemons of their own):
+    whoever may hold the client's end of its connection."""
+    parent, out = {}, {pid}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            stat = Path("/proc/%s/stat" % d).read_text()
+            parent[int(d)] = int(stat[stat.rfind(")") + 2:].split()[1])
+            if Path("/proc/%s/cmdline" % d).read_bytes().startswith(b"ssh: ") and \
+                    b"[mux]" in Path("/proc/%s/cmdline" % d).read_bytes():
+                out.add(int(d))
+        except (OSError, ValueError, IndexError):
+            pass
+    grew = True
+    while grew:
+        more = {p for p, pp in parent.items() if pp in out} - out
+        grew = bool(more)
+        out |= more
+    return out
+
+
 def serving_sshd(client_pid, ssh_port):
-    """Pids of the sshd processes that serve client_pid's established connection(s) to ssh_port:
-    the connection's other end is the socket whose peer port is the client's local port."""
-    try:
-        mine = _socket_inodes(client_pid)
-    except OSError:
-        return []
+    """Pids of the sshd processes that serve the client's established connection(s) to ssh_port
+    as the user of these tests (a master of an earlier test may be up too): the connection's
+    other end is the socket whose peer port is the client's local port."""
+    mine = set()
+    for pid in _client_pids(client_pid):
+        try:
+            mine |= _socket_inodes(pid)
+        except OSError:
+            pass
     table = _tcp_table()
     client_ports = {lp for lp, rp, st, ino in table if ino in mine and rp == ssh_port and st == "01"}
     server = {ino for lp, rp, st, ino in table if lp == ssh_port and rp in client_ports and ino}
-    pids = []
+    holders = {}
     for d in os.listdir("/proc"):
         if not d.isdigit() or int(d) == client_pid:
             continue
         try:
-            if _socket_inodes(int(d)) & server:
-                pids.append(int(d))
+            for ino in _socket_inodes(int(d)) & server:
+                holders.setdefault(ino, []).append(int(d))
         except OSError:
             pass
+    uid = pwd.getpwnam(USER).pw_uid
+    system = {0}
+    for name in ("sshd", "nobody"):  # sshd's privilege-separation user, before authentication
+        try:
+            system.add(pwd.getpwnam(name).pw_uid)
+        except KeyError:
+            pass
+    pids = []
+    for ps in holders.values():
+        owners = set()
+        for p in ps:
+            try:
+                owners.add(os.stat("/proc/%d" % p).st_uid)
+            except OSError:
+                pass
+        if uid in owners or not owners - system:  # ours, or still in its handshake
+            pids += ps
     return pids
 
 

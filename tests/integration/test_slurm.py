@@ -17,6 +17,7 @@ from slurmcluster import SlurmCluster, missing_binaries
 from support import ALICE, REPO, need
 
 ENDED = ("succeeded", "failed", "cancelled", "lost", "preempted")
+SSH_TRANSPORTS = ()  # conftest: these tests drive ssh themselves, not rtrain's transports
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
 """rtrain over a real OpenSSH sshd on 127.0.0.1, end to end through the CLI."""
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -10,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from netproxy import FreezingProxy
-from support import ALICE, BOB, NOPY, closed_port
+from support import ALICE, BOB, NOPY, closed_port, need, one_error
 
 
 
@@ -228,25 +229,20 @@ def test_unreachable_refused_and_timeout(sshd, tower, tmp_path):
         silent.close()
 
 
-def test_dns_failure_without_dns(sshd, tower, tmp_path, monkeypatch, capsys):
+def test_dns_failure_without_dns(sshd, tower, tmp_path):
+    """A host name that does not resolve. rtrain runs in a network namespace of its own with no
+    network at all (`unshare -n`): the resolver fails at once and no DNS query leaves the machine."""
     _, src = tower
+    unshare = shutil.which("unshare")
+    need(unshare is not None and subprocess.run([unshare, "-n", "true"]).returncode == 0,
+         "`unshare -n` (util-linux, as root) is needed for a resolver without a network")
     hosts = tmp_path / "h.yaml"
-    hosts.write_text("hosts:\n  tower:\n    ssh: alice@gpu-tower.invalid\n")
-    import socket as s
-    from launcher import cli
-
-    def nope(*a, **k):
-        raise s.gaierror(s.EAI_NONAME, "Name or service not known")
-
-    monkeypatch.setattr(s, "getaddrinfo", nope)
-    monkeypatch.setenv("RTRAIN_KNOWN_HOSTS", str(sshd.known_hosts))
-    monkeypatch.chdir(src)
-    assert cli.main(["--hosts", str(hosts), "status", "--host", "tower"]) == 1
-    out = capsys.readouterr()
-    lines = out.err.strip().splitlines()
-    assert lines[0].startswith("rtrain: error: tower: cannot resolve host name 'gpu-tower.invalid'"), out
-    assert len(lines) == 2 and lines[1].startswith("  hint: ") and "Traceback" not in out.err, out
-    assert out.out == ""
+    hosts.write_text("hosts:\n  tower:\n    ssh: alice@gpu-tower.invalid\n    transport: %s\n" % sshd.transport)
+    p = subprocess.run([unshare, "-n", sys.executable, "-m", "launcher", "--hosts", str(hosts), "status",
+                        "--host", "tower"], cwd=str(src), env=sshd.env(), capture_output=True, text=True,
+                       timeout=60)
+    one_error(p, "tower: cannot resolve host name 'gpu-tower.invalid'")
+    assert p.stdout == ""
 
 
 def test_host_without_python3(sshd, tower, tmp_path):
@@ -270,7 +266,9 @@ def test_system_known_hosts_are_read_and_never_written(sshd, tower, tmp_path):
     for extra in ([], ["--accept-new-host-key"]):
         rt(sshd, hosts, *extra, "status", cwd=src, env=env)
     assert user.read_text() == "" and system.read_text() == before
-    # a changed key in the system file is refused, and the message names that file and line
+    # a changed key in the system file is refused, and the message names that file and line (a
+    # shared connection keeps the trust it was opened with, as OpenSSH's do: close it first)
+    rt(sshd, hosts, "hosts", "--disconnect", cwd=src, env=env)
     other = sshd.other_key.with_suffix(".pub").read_text().split()[:2]
     system.write_text("# managed by the admins\n[127.0.0.1]:%d %s\n" % (sshd.port, " ".join(other)))
     p = rt(sshd, hosts, "--accept-new-host-key", "status", cwd=src, env=env, check=False)
@@ -278,6 +276,7 @@ def test_system_known_hosts_are_read_and_never_written(sshd, tower, tmp_path):
     assert user.read_text() == "" and "Traceback" not in p.stderr, p.stderr
     # the user's file comes first, as with OpenSSH: its right key wins over the stale system one
     user.write_text(sshd.known_hosts.read_text())
+    rt(sshd, hosts, "hosts", "--disconnect", cwd=src, env=env)
     rt(sshd, hosts, "status", cwd=src, env=env)
 
 

@@ -116,9 +116,11 @@ def world(sshd, tmp_path):
 
     def hosts(port, name):
         p = tmp_path / name
+        # no connection sharing: each call its own connection, cut at byte N of it
         p.write_text("hosts:\n  tower:\n    ssh: %s@127.0.0.1:%d\n    identity_file: %s\n"
-                     "    home: ~/%s\n    lock_dir: %s\n    connect_timeout: 10\n" % (
-                         USER, port, sshd.user_key, home, sshd.lock_dir))
+                     "    home: ~/%s\n    lock_dir: %s\n    connect_timeout: 10\n"
+                     "    transport: %s\n    control_persist: no\n" % (
+                         USER, port, sshd.user_key, home, sshd.lock_dir, sshd.transport))
         return p
 
     src = tmp_path / "src"

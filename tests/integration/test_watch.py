@@ -85,8 +85,8 @@ def test_autostop_never_fires_while_a_job_waits_for_gpus(world):
         time.sleep(3)
         assert not marker.exists() and world.status(job)["state"] == "queued"
     finally:
-        for fd in held:
-            os.close(fd)
+        for lease in held:
+            lease.release()
     world.wait(job)
     wait_until("the stop command", marker.exists)
 

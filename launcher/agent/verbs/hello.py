@@ -44,7 +44,7 @@ def hello(ctx):
         "disk_free": disk_free,
         "nvidia_smi": shutil.which(gpus.base_argv(ctx.settings.nvidia_smi)[0]),
         "daemon_running": writable and daemon.running(ctx.home),
-        "autostop": _autostop(ctx) if writable else None,
+        "autostop": _autostop(ctx) if writable and database is None else None,
         "containers": _containers(ctx) if ctx.req.get("containers") is not None else None,
     }
 
