@@ -21,6 +21,10 @@ import pytest
 import fakesmi
 from launcher.agent import containers as C
 
+# What is tested here is the host's side (engines, images, binds, leases): one SSH transport,
+# the default, is enough (test_ssh.py and test_openssh.py test the transports themselves).
+SSH_TRANSPORTS = ("openssh",)
+
 
 class Tower:
     """This machine as a tower over its own sshd, as `user`, with a private RTRAIN_HOME."""
