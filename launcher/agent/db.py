@@ -57,12 +57,28 @@ def connect(path, legacy_settings=None):
     give jobs of a home from before settings were stored per job."""
     con = sqlite3.connect(path, timeout=60, isolation_level=None)
     con.row_factory = sqlite3.Row
-    con.execute("PRAGMA journal_mode=WAL")
-    con.execute("PRAGMA synchronous=NORMAL")
     con.execute("PRAGMA busy_timeout=60000")
+    wal_mode(con)
+    con.execute("PRAGMA synchronous=NORMAL")
     if con.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
         migrate(con, legacy_settings)
     return con
+
+
+def wal_mode(con, wait_s=30.0):
+    """WAL mode, once per database file. Switching to it takes an exclusive lock that SQLite
+    does not wait for (its busy handler is not called there): agents opening a new home at the
+    same moment would get "database is locked". Ask first; switch, and on that error try again."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            if con.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                con.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
 
 
 def migrate(con, legacy_settings=None):
