@@ -46,6 +46,8 @@ def build_parser():
     s.add_argument("--retries", type=int, default=0, metavar="N",
                    help="requeue a failed or lost job up to N times")
     s.add_argument("--env", action="append", default=[], metavar="K=V", help="set a variable for the job")
+    s.add_argument("--image", metavar="IMAGE", help="run the job in this container image, through the "
+                                                    "host's docker or podman (default: rtrain.yaml's image:)")
     s.add_argument("-C", "--dir", default=".", help="directory to sync (default: .)")
     s.add_argument("-f", "--follow", action="store_true",
                    help="stream the log, exit with the job's exit code")

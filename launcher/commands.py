@@ -40,7 +40,7 @@ def cmd_submit(args, session_factory):
             s, cmd, host=args.host or proj.host, gpus=gpus, name=args.name, priority=args.priority,
             retries=args.retries, env=_parse_env(args.env), root=args.dir,
             confirm_large=lambda info: args.yes or render.confirm_large(info),
-            progress=err.progress, events=err.event, project=proj)
+            progress=err.progress, events=err.event, project=proj, image=args.image)
         err.done()
         if job.get("uploaded_files"):
             err.event("sent", {"files": job["uploaded_files"], "bytes": job["uploaded"]})

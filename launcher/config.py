@@ -35,6 +35,8 @@ HOST_KEYS = {
     "transport": "openssh or paramiko (default: openssh where an OpenSSH client is installed)",
     "control_persist": "how long a shared OpenSSH connection stays open after use: seconds or "
                        "10m/1h (default 10m); 0 or no: no sharing",
+    "container_engine": "docker or podman: what runs container jobs (--image, image: in rtrain.yaml); "
+                        "default: podman where you can run it rootless, else docker",
 }
 TOP_KEYS = ("default", "hosts")
 
@@ -67,6 +69,7 @@ class Host:
     compare_price: Optional[float] = None
     transport: Optional[str] = None  # None: openssh where it can be used (sshcommon.transport_of)
     control_persist: str = "10m"     # "no": no connection sharing
+    container_engine: Optional[str] = None
 
 
 LOCAL = Host(name="local")
@@ -262,6 +265,10 @@ def _host(path, name, line, node):
         if env_problem(dict(kw["env"])):
             bad("env", "a mapping of NAME: value (%s)" % env_problem(dict(kw["env"])))
     _watch_keys(data, bad, kw)
+    if "container_engine" in data:
+        if data["container_engine"] not in ("docker", "podman"):
+            bad("container_engine", "docker or podman")
+        kw["container_engine"] = data["container_engine"]
     return Host(**kw)
 
 

@@ -2,7 +2,7 @@
 disk), and say what to fix."""
 import time
 
-from . import connections
+from . import connections, containercheck
 from . import hosts as hostsmod
 from .errors import HostError, RtrainError
 
@@ -18,7 +18,8 @@ def doctor(session, host=None):
         before = connections.state(c.transport)  # was a shared connection up before this call?
         t0 = time.monotonic()
         try:
-            hello = c.call("hello", {"settings": c.settings(), "autostop": h.autostop})
+            hello = c.call("hello", {"settings": c.settings(), "autostop": h.autostop,
+                                     "containers": {"engine": h.container_engine}})
         except HostError as e:
             kind = "ssh" if h.kind == "ssh" else "agent"
             if e.check and h.kind == "ssh":  # ssh itself worked: say which part failed
@@ -56,6 +57,7 @@ def doctor(session, host=None):
                         g["lock_dir"]), "fix": ""})
         except RtrainError as e:
             out.append({"name": "nvidia-smi", "ok": False, "detail": e.message, "fix": e.hint})
+        out += containercheck.checks(hello.get("containers"), h.container_engine is not None)
         out += _home_checks(hello)
         free = hello.get("disk_free")
         writable = bool(hello.get("home_writable"))

@@ -26,13 +26,14 @@ SUBMIT_RETRY_DELAY_S = 1.0  # then 2 s
 
 def submit(session, argv, host=None, gpus=0, name=None, priority=0, retries=0, env=None,
            root=".", confirm_large=None, progress=None, events=None, sleep=time.sleep,
-           project=None):
+           project=None, image=None):
     """Sync `root`, queue the command, return the job (decorated with host and id).
     confirm_large(manifest_info) -> bool is asked when the tree is larger than the host allows.
     progress(sent, total) reports upload bytes. events(kind, detail) reports steps, among them
     ("retry", {"attempt", "of", "error", "delay"}) when the connection dropped after the whole
     request was sent and the host is asked again (see _recover). project: the project file
-    (project.py), whose data, environment and outputs go with the job (jobspec.py)."""
+    (project.py), whose data, environment and outputs go with the job (jobspec.py). image:
+    --image, run the job in that container image (over the project's image: and build:)."""
     from . import jobspec, sync
     from .project import Project
     command = command_string(argv)
@@ -44,6 +45,11 @@ def submit(session, argv, host=None, gpus=0, name=None, priority=0, retries=0, e
     h = session.cfg.get(host)
     root = os.path.abspath(root)
     proj = (project or Project(root=root)).for_host(host)
+    if image:
+        proj = proj.with_image(image)
+    if (proj.image or proj.build) and proj.host_env_keys():
+        events("warning", "%s in %s is not used: the job runs in a container, whose image is its "
+               "environment" % (", ".join(proj.host_env_keys()), proj.path or "rtrain.yaml"))
     client = session.client(host)
     client.prestart("submit")  # connect and start the agent while the tree is listed and hashed
     manifest = sync.build_manifest(root, extra=jobspec.data_files(root, proj))
@@ -73,7 +79,10 @@ def submit(session, argv, host=None, gpus=0, name=None, priority=0, retries=0, e
                "after": h.stall_after, "util_busy": h.gpu_util_busy, "action": h.on_stall}}
     if data:
         req["manifest"]["data"] = data
-    spec = jobspec.request(proj, code)
+    ctr = jobspec.container(proj, code, getattr(h, "container_engine", None))
+    if ctr is not None:
+        req["container"] = ctr
+    spec = jobspec.request(proj, code, in_container=ctr is not None)
     if spec is not None:
         req["project"] = spec
 

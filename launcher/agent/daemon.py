@@ -18,7 +18,7 @@ import sys
 import time
 import traceback
 
-from . import db, detach, fsutil, jobprocs, leases, logind, runner, store
+from . import db, detach, fsutil, jobcontainer, jobprocs, leases, logind, runner, store
 from .jobstate import append_log, reconcile
 from .scheduler import Scheduler
 
@@ -254,7 +254,8 @@ class Daemon(Scheduler):
                     (json.dumps(uuids), time.time(), fsutil.boot_id(), job_id))
             env = fsutil.read_json(self.home.job(job_id).env)
             spec = {"id": job_id, "command": row["command"], "env": env if isinstance(env, dict) else {},
-                    "grace": row["grace"], "gpus": uuids, "lock_dir": lock_dir}
+                    "grace": row["grace"], "gpus": uuids, "lock_dir": lock_dir,
+                    "container": jobcontainer.spec(self.home, job_id)}
             home, argv = self.home, self.agent_argv
             pid = os.fork()
             if pid == 0:

@@ -12,7 +12,7 @@ import re
 import shutil
 import uuid as uuidlib
 
-from .. import autostop, db, fsutil, gclock, gpus, inventory, jobproject, notify, paths, store
+from .. import autostop, db, fsutil, gclock, gpus, inventory, jobcontainer, jobproject, notify, paths, store
 from ..manifest import ManifestError, check_entries
 from ..protocol import AgentError
 from ..settings import env_problem
@@ -39,10 +39,16 @@ def submit(ctx):
         # data (shared read-only per content, not copied per job) and the project file's part
         data = (req.get("manifest") or {}).get("data") or []
         project = jobproject.check(req.get("project"), data)
+        container = jobcontainer.check(req.get("container"))  # runs in a container (jobcontainer.py)
         _check_room(home, size, len(entries))
         _sweep_tmp(home)
         tmp = _job_folder(home, entries, req.get("env") or {}, data, project, spec.pop("notify"),
                           spec.pop("stall"))
+        try:
+            jobcontainer.write(tmp, container)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         spec["files"] = len(entries)
         spec["bytes"] = sum(int(e.get("size") or 0) for e in entries)
         job_id = _commit(ctx, spec, token, tmp)
