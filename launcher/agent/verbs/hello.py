@@ -5,7 +5,7 @@ import shutil
 import sqlite3
 import sys
 
-from .. import daemon, gpus, logind
+from .. import daemon, gpus, logind, policy
 from ..protocol import PROTOCOL, VERSION, AgentError
 
 
@@ -45,6 +45,7 @@ def hello(ctx):
         "nvidia_smi": shutil.which(gpus.base_argv(ctx.settings.nvidia_smi)[0]),
         "daemon_running": writable and daemon.running(ctx.home),
         "autostop": _autostop(ctx) if writable else None,
+        "policy": policy.load().summary(),  # the tower's (`rtrain hosts` warns when it is ignored)
     }
 
 
