@@ -93,7 +93,7 @@ def parse_array(text):
     if not idx:
         raise RtrainError("--array %s: no index" % text, "e.g. --array 10 for indices 0 to 9")
     if len(set(idx)) != len(idx):
-        raise RtrainError("--array %s: an index is given twice" % text)
+        raise RtrainError("--array %s: an index is given twice" % text, "give each index once: --array 1,4,7")
     if limit is not None and int(limit) < 1:
         raise RtrainError("--array %s: %%%s runs nothing" % (text, limit), "the limit is 1 or more")
     return idx, (int(limit) if limit is not None else None)

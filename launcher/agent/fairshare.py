@@ -8,8 +8,9 @@ agree through what they can all see in the shared lease dir's namespace:
   `\\0rtrain-wait/<lease dir tag>/<uid>/<home tag>/<since>/<want>/<nonce>`: since the oldest of its
   waiting jobs was submitted (centiseconds), want the GPUs they ask for (thousandths). It is
   valid exactly while that daemon lives (the kernel frees the name), it cannot be removed by
-  anyone else, and its uid is checked against SO_PEERCRED (an entry naming another uid is
-  ignored).
+  anyone else, and its uid is checked against the socket's owner as the kernel says it
+  (unixdiag.py; SO_PEERCRED where sock_diag is missing): an entry naming another uid is
+  ignored.
 When GPUs are free and other users wait, a daemon hands them out in its head one at a time to
 the waiting user holding the fewest GPUs (with what it handed out so far; ties: the longest
 waiting), and takes GPUs only if its own user's turn comes for its first job; else it leaves
@@ -26,7 +27,7 @@ import socket
 from . import leases
 
 PREFIX = "rtrain-wait/"
-DEFER_S = 2.0
+DEFER_S = float(os.environ.get("RTRAIN_FAIRSHARE_DEFER_S") or 2.0)  # tests on a slow machine: more
 
 
 def _home_tag(home_root):
@@ -78,32 +79,41 @@ class Entry(object):
 
 
 def room(lock_dir, skip_home=None):
-    """[{"uid", "home", "since", "want"}] of the waiting room of lock_dir, each entry's uid
-    checked by SO_PEERCRED (skip_home: a home tag to leave out, the caller's own)."""
-    tag = leases.dir_tag(lock_dir)
-    prefix = ("@%s%s/" % (PREFIX, tag)).encode("ascii")
+    """[{"uid", "home", "since", "want"}] of the waiting room of lock_dir, each entry's uid the
+    kernel's (skip_home: a home tag to leave out, the caller's own)."""
+    from . import unixdiag
+    prefix = ("\0%s%s/" % (PREFIX, leases.dir_tag(lock_dir))).encode("ascii")
+    owners = unixdiag.owners(prefix)
+    if owners is None:  # no sock_diag: /proc/net/unix for the names, SO_PEERCRED for the uids
+        owners = {n: uid for n, (uid, _pid) in leases.name_holders(_listed(prefix)).items()}
+    entries = []
+    for name, owner in owners.items():
+        try:
+            uid, home, since, want, _nonce = name[len(prefix):].decode("ascii").split("/")
+            e = {"uid": int(uid), "home": home, "since": int(since) / 100.0, "want": int(want) / 1000.0}
+        except ValueError:
+            continue
+        if home != skip_home and owner == e["uid"]:  # an entry naming another uid is a lie
+            entries.append(e)
+    return entries
+
+
+def _listed(prefix):
+    """The listening sockets of /proc/net/unix whose names start with prefix (a connection
+    waiting in an entry's queue shows the entry's name too: "__SO_ACCEPTCON" sockets only)."""
     names = []
     try:
         with open("/proc/net/unix", "rb") as f:
             next(f, None)
             for line in f:
                 parts = line.split()
-                if len(parts) >= 8 and parts[7].startswith(prefix):
-                    names.append(parts[7])
+                if len(parts) >= 8 and parts[3] == b"00010000" and parts[7].startswith(b"@" + prefix[1:]):
+                    name = b"\0" + parts[7][1:]
+                    if name not in names:
+                        names.append(name)
     except OSError:
-        return []
-    entries = []
-    for raw in names:
-        try:
-            uid, home, since, want, _nonce = raw[len(prefix):].decode("ascii").split("/")
-            e = {"uid": int(uid), "home": home, "since": int(since) / 100.0, "want": int(want) / 1000.0,
-                 "name": b"\0" + raw[1:]}
-        except ValueError:
-            continue
-        if home != skip_home:
-            entries.append(e)
-    owners = leases.name_holders([e["name"] for e in entries])
-    return [e for e in entries if owners.get(e["name"], (None,))[0] == e["uid"]]
+        pass
+    return names
 
 
 def held(lock_dir, uuids):

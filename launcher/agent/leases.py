@@ -231,13 +231,27 @@ def socket_holder(lock_dir, uuid):
 
 def name_holder(name):
     """socket_holder() for any abstract socket name (bytes, leading NUL)."""
-    return name_holders([name]).get(name)
+    return name_owners([name]).get(name)
+
+
+def name_owners(names):
+    """{name: (uid, pid or None)} for the names among `names` that are held: from the kernel's
+    socket table (unixdiag.py: nothing is connected to, no holder's queue fills up), else by
+    connecting (name_holders)."""
+    names = list(names)
+    if not names:
+        return {}
+    from . import unixdiag
+    got = unixdiag.owners(os.path.commonprefix(names))
+    if got is None:
+        return name_holders(names)
+    return {n: (got[n], None) for n in names if n in got}
 
 
 def name_holders(names):
-    """{name: (uid, pid) or (None, None)} for the names among `names` someone listens on. One
-    socket serves every refused connect (a connect that fails leaves it unconnected): probing
-    a free name costs a few microseconds."""
+    """{name: (uid, pid) or (None, None)} for the names among `names` someone listens on, by
+    connecting (SO_PEERCRED). One socket serves every refused connect (a connect that fails
+    leaves it unconnected): probing a free name costs a few microseconds."""
     out = {}
     s = None
     try:

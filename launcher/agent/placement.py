@@ -64,16 +64,20 @@ class Placer(object):
                 self.waiting["capped"] = True  # no use asking others to make way
                 return None, "waiting: %s holds %s GPUs, the cap is %s (%s)" % (
                     self.me[0], _num(mine), _num(pol.cap), pol.path)
-        if k > 1:
-            for u in usable:  # join a GPU already shared by k, first
-                if u["state"] != "unknown" and shares.free_slots(lock_dir, u["uuid"], k):
-                    lease = leases.try_acquire(lock_dir, u["uuid"], k)
-                    if lease is not None:
-                        self.got(row)
-                        return [lease], None
+        if k > 1:  # join a GPU already shared by k, first (fair share applies: a slot is 1/k)
+            joinable = [u["uuid"] for u in usable if u["state"] != "unknown" and
+                        shares.free_slots(lock_dir, u["uuid"], k)]
+            why = self._fair(lock_dir, units, joinable, 1, joining=True) if joinable else None
+            if why:
+                return None, why
+            for uuid in joinable:
+                lease = leases.try_acquire(lock_dir, uuid, k)
+                if lease is not None:
+                    self.got(row)
+                    return [lease], None
             n = 1
         free = [u for u in usable if u["state"] == "free" and u["uuid"] not in taken]
-        why = self._fair(lock_dir, units, free, n)
+        why = self._fair(lock_dir, units, [u["uuid"] for u in free], n)
         if why:
             return None, why
         held = []
@@ -96,16 +100,17 @@ class Placer(object):
             lease.release()
         return None, self._why(n, k, units, usable, lock_dir) if (pol.active or k > 1) else None
 
-    def _fair(self, lock_dir, units, free, n):
-        """Why we leave the free GPUs to another user now (fairshare.py), or None."""
-        if not free:
+    def _fair(self, lock_dir, units, candidates, n, joining=False):
+        """Why we leave the free GPUs (joining: a free slot of a shared GPU, which counts as one
+        thing to hand out) to another user now (fairshare.py), or None."""
+        if not candidates:
             return None
         others = fairshare.room(lock_dir, skip_home=self.home_tag)
         me = os.getuid()
         if not any(e["uid"] != me for e in others):
             self.defer = None
             return None
-        free_now = [u["uuid"] for u in free if not leases.is_held(lock_dir, u["uuid"])]
+        free_now = list(candidates) if joining else [u for u in candidates if not leases.is_held(lock_dir, u)]
         if not free_now:
             return None
         holding = fairshare.held(lock_dir, [u["uuid"] for u in units])
@@ -119,11 +124,11 @@ class Placer(object):
                                      "want": 0.0})
         mine["since"] = min(mine["since"], w.get("since") or mine["since"])
         mine["want"] += max(w.get("want") or 0.0, n)
-        turn = fairshare.ahead(len(free_now), me, users, n)
+        turn = fairshare.ahead(1 if joining else len(free_now), me, users, n)
         if turn is None:
             self.defer = None
             return None
-        key = frozenset(free_now)
+        key = (joining, frozenset(free_now))
         if self.defer is None or self.defer[0] != key:
             self.defer = (key, time.monotonic())
         elif time.monotonic() - self.defer[1] >= fairshare.DEFER_S:

@@ -31,7 +31,7 @@ def holders(lock_dir, uuid):
     base = leases.socket_name(lock_dir, uuid)
     names = [(k, i, slot_name(lock_dir, uuid, k, i, base)) for k in range(2, MAX_SHARE + 1)
              for i in range(k)]
-    got = leases.name_holders([n for _, _, n in names])
+    got = leases.name_owners([n for _, _, n in names])
     if not got:
         return None
     k = min(k for k, _, n in names if n in got)
