@@ -258,9 +258,14 @@ STARTER = """\
 # The command a bare `rtrain submit` runs.
 run: python3 train.py
 
-# GPUs per job, and the host (a name from hosts.yaml).
+# GPUs per job (0.5: two jobs share one GPU), and the host (a name from hosts.yaml).
 # gpus: 1
 # host: tower
+
+# One job per combination: {lr} and {seed} in `run` are the values (rtrain submit --sweep ... too).
+# sweep:
+#   lr: [1e-3, 3e-4]
+#   seed: 0..4
 
 # The environment, built once on each host and reused while these lines and the files they
 # read (requirements*.txt, pyproject.toml, uv.lock, environment.yml) stay the same.

@@ -8,11 +8,11 @@ jobs, array_limit, after_ok, after_any):
     "group": {"kind": "sweep" | "array", "label": str, "max_running": int | null}
     "after": [job id | "gN"], "after_any": [job id | "gN"]
     "gpus": whole number, or 1/k (0.5, 0.33, 0.25...): k jobs share one GPU
-The snapshot (manifest) is written once and hard-linked into every job's folder: read-only
-for the agent, and a sweep of 1,000 points keeps one copy.
+The snapshot (manifest) and the job's variables (env.json) are written once and hard-linked into
+every job's folder: read-only for the agent, and a sweep of 1,000 points keeps one copy; a
+point's own variables (RTRAIN_SWEEP_*, RTRAIN_ARRAY_INDEX) are in its row (db.py `vars`).
 Standard library only, Python >= 3.8.
 """
-import json
 import os
 
 from . import db, deps, groups
@@ -21,7 +21,7 @@ from .settings import env_problem
 
 MAX_SHARE = 8            # --gpus 1/k for k = 2..MAX_SHARE
 MAX_POINTS = 100000      # a hard limit; the client asks above its own (max_points, 1,000)
-SHARED_FILES = ("manifest.json", "project.json", "notify.json", "stall.json")
+SHARED_FILES = ("manifest.json", "project.json", "notify.json", "stall.json", "env.json")
 
 
 def gpus(value):
@@ -127,40 +127,26 @@ def _point(p):
     return {"command": p["command"], "env": env, "suffix": suffix}
 
 
-def folders(tmp, plan, env):
-    """[tmp] and, for a group, one more folder per point next to it: the snapshot's files
-    hard-linked (one copy for all), the log, the point's variables (env.json, 0600)."""
+def folders(tmp, plan):
+    """[tmp] and, for a group, one more folder per point next to it, holding hard links to
+    tmp's files (the snapshot's manifest, env.json...: one copy for all). A point's own
+    variables go in its row (`vars`); its log is made when it is first written."""
     out = [tmp]
     try:
-        for i, p in enumerate(plan.points):
-            if i:
-                d = "%s-%d" % (tmp, i)
-                os.mkdir(d, 0o700)
-                out.append(d)
-                for name in SHARED_FILES:
-                    src = os.path.join(tmp, name)
-                    if os.path.exists(src):
-                        os.link(src, os.path.join(d, name))
-                fd = os.open(os.path.join(d, "log"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                os.close(fd)
-            if p["env"]:
-                _write_env(os.path.join(out[-1], "env.json"), dict(env, **p["env"]))
+        for i in range(1, plan.count):
+            d = "%s-%d" % (tmp, i)
+            os.mkdir(d, 0o700)
+            out.append(d)
+            for name in SHARED_FILES:
+                src = os.path.join(tmp, name)
+                if os.path.exists(src):
+                    os.link(src, os.path.join(d, name))
     except BaseException:
         import shutil
         for d in out[1:]:
             shutil.rmtree(d, ignore_errors=True)
         raise
     return out
-
-
-def _write_env(path, env):
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(env, f)
 
 
 def insert(con, spec, plan):
@@ -171,7 +157,7 @@ def insert(con, spec, plan):
                             plan.count, plan.group["max_running"])
     ids = []
     for p in plan.points:
-        s = dict(spec, command=p["command"], name=spec["name"] + p["suffix"], group=gid)
+        s = dict(spec, command=p["command"], name=spec["name"] + p["suffix"], group=gid, vars=p["env"])
         ids.append(db.insert_job(con, s))
     deps.link(con, ids, plan.after, plan.after_any)
     return ids

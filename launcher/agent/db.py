@@ -46,9 +46,10 @@ CREATE TABLE IF NOT EXISTS tokens (token TEXT PRIMARY KEY, id INTEGER NOT NULL);
 
 # Version 2: jobs of a group (grp), how many jobs share each of its GPUs (share: 2 for --gpus 0.5),
 # the project it belongs to (usage), the job its message names (cause: "dependency {cause}
-# failed"); the groups, and the dependencies between jobs.
+# failed"), a point's own variables (vars: RTRAIN_SWEEP_*, RTRAIN_ARRAY_INDEX, JSON; never
+# --env's, which stay in env.json); the groups, and the dependencies between jobs.
 V2_COLUMNS = (("grp", "INTEGER"), ("share", "INTEGER NOT NULL DEFAULT 1"), ("project", "TEXT"),
-              ("cause", "INTEGER"))
+              ("cause", "INTEGER"), ("vars", "TEXT"))
 V2 = """
 CREATE TABLE IF NOT EXISTS job_groups (id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL,
     kind TEXT NOT NULL, label TEXT NOT NULL DEFAULT '', size INTEGER NOT NULL,
@@ -141,14 +142,14 @@ def to_public(row):
 def insert_job(con, spec):
     cur = con.execute(
         "INSERT INTO jobs (name, command, gpus_requested, priority, retries, state, submitted_at,"
-        " git_commit, git_dirty, grace, files, bytes, settings, grp, share, project)"
-        " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        " git_commit, git_dirty, grace, files, bytes, settings, grp, share, project, vars)"
+        " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
         (spec["name"], spec["command"], spec["gpus"], spec["priority"], spec["retries"], "queued",
          spec.get("submitted_at") or time.time(), spec.get("git_commit"),
          None if spec.get("git_dirty") is None else int(bool(spec["git_dirty"])),
          spec.get("grace", 10.0), spec.get("files", 0), spec.get("bytes", 0),
          json.dumps(spec.get("settings") or {}), spec.get("group"), spec.get("share", 1),
-         spec.get("project")))
+         spec.get("project"), json.dumps(spec["vars"]) if spec.get("vars") else None))
     return cur.lastrowid
 
 

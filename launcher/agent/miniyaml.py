@@ -86,14 +86,20 @@ def _nested(lines, i, indent, allow_seq_at_same_indent):
     return None, i
 
 
+def _at(lines, i, indent):
+    """(line number, text) of line i when it belongs to the block at `indent`, None when the
+    block ended before it; deeper is an error."""
+    if i >= len(lines) or lines[i][1] < indent:
+        return None
+    if lines[i][1] > indent:
+        raise MiniYAMLError(lines[i][0], "unexpected indentation")
+    return lines[i][0], lines[i][2]
+
+
 def _map(lines, i, indent):
     out = {}
-    while i < len(lines):
-        no, ind, text = lines[i]
-        if ind < indent:
-            break
-        if ind > indent:
-            raise MiniYAMLError(no, "unexpected indentation")
+    while _at(lines, i, indent):
+        no, text = _at(lines, i, indent)
         if _is_item(text):
             raise MiniYAMLError(no, "a list item where a key was expected")
         key, rest = _split_key(no, text)
@@ -109,20 +115,14 @@ def _map(lines, i, indent):
 
 def _seq(lines, i, indent):
     out = []
-    while i < len(lines):
-        no, ind, text = lines[i]
-        if ind < indent:
-            break
-        if ind > indent:
-            raise MiniYAMLError(no, "unexpected indentation")
-        if not _is_item(text):
-            break
+    while _at(lines, i, indent) and _is_item(_at(lines, i, indent)[1]):
+        no, text = _at(lines, i, indent)
         rest = text[1:].strip()
         if not rest:
             value, i = _nested(lines, i + 1, indent, False)
         elif _key_at(rest) is not None:
             # `- key: value` starts a mapping whose further keys line up with `key`
-            lines[i] = [no, ind + len(text) - len(rest), rest]
+            lines[i] = [no, indent + len(text) - len(rest), rest]
             value, i = _map(lines, i, lines[i][1])
         else:
             value, i = _value(no, rest), i + 1

@@ -162,3 +162,24 @@ def test_bad_input_is_one_clear_line(sshd, tmp_path, args, needles):
     h = Host(sshd, tmp_path)
     one_error(h.rt("submit", *args, check=False), *needles)
     assert h.rt("status").stdout.startswith("no jobs")
+
+
+def test_usage_adds_up_gpu_hours_per_project_with_their_cost(sshd, tmp_path):
+    h = Host(sshd, tmp_path)
+    text = h.hosts.read_text().replace("    max_points: 50\n", "    max_points: 50\n    price_per_gpu_hour: 2.0\n"
+                                       "    compare_price: 3.0\n")
+    h.hosts.write_text(text)
+    whole = h.rt("submit", "-q", "--gpus", "1", "--", "python3", "rec.py", h.rec, "1").stdout.strip()
+    half = h.rt("submit", "-q", "--gpus", "0.5", "--", "python3", "rec.py", h.rec, "1").stdout.strip()
+    jw, jh = h.wait(whole), h.wait(half)
+    assert jw["state"] == jh["state"] == "succeeded" and jh["share"] == 2 and jw["project"] == "src"
+    res = json.loads(h.rt("usage", "--json").stdout)
+    (row,) = res["rows"]
+    assert (row["host"], row["project"], row["jobs"], row["user"]) == ("tower", "src", 2, ALICE)
+    want = ((jw["ended_at"] - jw["started_at"]) + (jh["ended_at"] - jh["started_at"]) / 2) / 3600.0
+    assert abs(row["gpu_hours"] - want) < 1e-6
+    assert row["cost"] == round(want * 2.0, 2) and row["compare_cost"] == round(want * 3.0, 2)
+    assert json.loads(h.rt("usage", "--json", "--by", "user").stdout)["rows"][0]["user"] == ALICE
+    table = h.rt("usage", "--by", "project").stdout
+    assert "GPU-HOURS" in table and "src" in table
+    assert "1/2 of it, shared" in h.rt("status", half).stdout

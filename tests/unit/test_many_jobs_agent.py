@@ -84,9 +84,10 @@ def test_a_sweep_is_one_submit_one_snapshot_and_one_group(tmp_path):
     inodes = {os.stat(hm.job(r["id"]).manifest).st_ino for r in rows}
     assert len(inodes) == 1  # the snapshot's manifest is written once, linked into each job
     for r, p in zip(rows, points):
-        env = json.load(open(hm.job(r["id"]).env))
-        assert env == {"BASE": "1", "RTRAIN_SWEEP_LR": p["env"]["RTRAIN_SWEEP_LR"]}
+        assert json.load(open(hm.job(r["id"]).env)) == {"BASE": "1"}  # --env's: one 0600 file, linked
         assert os.stat(hm.job(r["id"]).env).st_mode & 0o077 == 0
+        assert json.loads(r["vars"]) == {"RTRAIN_SWEEP_LR": p["env"]["RTRAIN_SWEEP_LR"]}  # the point's
+    assert len({os.stat(hm.job(r["id"]).env).st_ino for r in rows}) == 1
     assert os.listdir(hm.tmp) == []
     # the same token again: the group already queued, nothing more
     _, again = _submit(_request(home, points=points)[0])

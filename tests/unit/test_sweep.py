@@ -100,3 +100,29 @@ def test_max_points_is_a_host_key(tmp_path):
     p = tmp_path / "hosts.yaml"
     p.write_text("hosts:\n  local:\n    max_points: 50\n")
     assert config.load(str(p)).get("local").max_points == 50
+
+
+def test_rtrain_yaml_takes_a_sweep_and_a_share_of_a_gpu(tmp_path):
+    from launcher import project
+    from launcher.errors import ConfigError
+    (tmp_path / "rtrain.yaml").write_text("run: python3 t.py {lr}\ngpus: 0.5\nsweep:\n  lr: [1e-3, 3e-4]\n"
+                                          "  seed: 0..2\n")
+    p = project.load(str(tmp_path))
+    assert p.gpus == 0.5 and p.sweep == (("lr", ("1e-3", "3e-4")), ("seed", "0..2"))
+    for bad, needle in (("gpus: 1.5\n", "'gpus'"), ("sweep: [1, 2]\n", "'sweep'"),
+                        ("sweep:\n  lr: []\n", "sweep: lr")):
+        (tmp_path / "rtrain.yaml").write_text(bad)
+        with pytest.raises(ConfigError) as e:
+            project.load(str(tmp_path))
+        assert needle in e.value.message and "rtrain.yaml:" in e.value.message
+
+
+def test_the_command_line_takes_shares_sweeps_arrays_and_dependencies():
+    from launcher import cli
+    a = cli.build_parser().parse_args(["submit", "--gpus", "1/3", "--sweep", "lr=1,2", "--after", "12,g3",
+                                       "--after-any", "4", "--array", "0-9%3", "--", "t", "{lr}"])
+    assert abs(a.gpus - 1 / 3.0) < 1e-9 and a.sweep == ["lr=1,2"] and a.array == "0-9%3"
+    assert a.after == ["12,g3"] and a.after_any == ["4"]
+    assert cli.build_parser().parse_args(["submit", "--gpus", "2", "--", "t"]).gpus == 2
+    u = cli.build_parser().parse_args(["usage", "--since", "7d", "--by", "project", "--json"])
+    assert (u.since, u.by, u.json) == ("7d", "project", True)

@@ -229,7 +229,7 @@ def _commit(ctx, spec, token, tmp, plan):
     con = ctx.con
     tmps = [tmp]
     try:
-        tmps = batch.folders(tmp, plan, ctx.req.get("env") or {})  # one per job of a group
+        tmps = batch.folders(tmp, plan)  # one per job of a group
         with db.Tx(con):
             # asked once the database is ours: a client that gave up while the lock was held
             # (longer than its io_timeout) is not there to hear of the job
