@@ -180,8 +180,9 @@ def test_more_gpus_than_the_host_has_over_ssh(sshd, smi, tmp_path, src):
 # ------------------------------------------------------------------ RTRAIN_HOME on the host
 
 def mount_small_disk(d, owner=None):
-    """Mount a 2 MiB tmpfs on d (mode 0700, owned by `owner`); returns its unmount function."""
-    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs", str(d)],
+    """Mount a 3 MiB tmpfs on d (mode 0700, owned by `owner`); returns its unmount function. (The
+    agent alone takes 1.4 MB of it: its zipapp, unpacked, compiled.)"""
+    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m,mode=0700", "tmpfs", str(d)],
                        capture_output=True, text=True)
     if p.returncode != 0:
         need(False, "cannot mount a tmpfs to fill (%s)" % p.stderr.strip())
@@ -202,7 +203,7 @@ def mount_small_disk(d, owner=None):
 
 @pytest.fixture
 def small_disk(sshd):
-    """A 2 MiB tmpfs owned by rtrain-alice (mode 0700), unmounted at the end."""
+    """A 3 MiB tmpfs owned by rtrain-alice (mode 0700), unmounted at the end."""
     d = private_dir(sshd, "smalldisk")
     unmount = mount_small_disk(d, ALICE)
     yield d
