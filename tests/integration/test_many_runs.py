@@ -141,7 +141,7 @@ def test_a_failed_dependency_cancels_the_rest_of_the_chain_and_a_group_can_be_wa
     after = h.rt("submit", "-q", "--after", g, "--", "python3", "rec.py", h.rec, "0").stdout.strip()
     assert h.wait(after)["state"] == "succeeded"
     recs = h.records()
-    members = [j["num"] if "num" in j else int(j["id"].split(":")[1]) for j in h.status(g)["jobs"]]
+    members = [int(j["id"].split(":")[1]) for j in h.status(g)["jobs"]]
     assert recs[int(after.split(":")[1])]["t0"] >= max(recs[m]["t1"] for m in members)
     # a dependency on another host, or an unknown job: refused at submit, one line each
     one_error(h.rt("submit", "--host", "tower2", "--after", a, "--", "true", check=False),
