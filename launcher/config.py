@@ -18,6 +18,7 @@ HOST_KEYS = {
     "io_timeout": "seconds an SSH call may go without a byte from the host before it fails "
                   "(default 60; `logs -f` has its own stall check)",
     "max_tree_mb": "ask before syncing a tree larger than this (default 100)",
+    "max_points": "ask before queueing a sweep or an array of more jobs than this (default 1000)",
     "env": "variables set for every job on this host",
     "lock_dir": "shared sticky directory of GPU lease files (default /run/lock, else /tmp)",
     "nvidia_smi": "nvidia-smi command on the host (default nvidia-smi)",
@@ -55,6 +56,7 @@ class Host:
     connect_timeout: float = 10.0
     io_timeout: float = 60.0
     max_tree_mb: int = 100
+    max_points: int = 1000
     env: Tuple[Tuple[str, str], ...] = ()
     lock_dir: Optional[str] = None
     nvidia_smi: Optional[str] = None
@@ -226,6 +228,7 @@ def _host(path, name, line, node):
             bad("gpus", "'all' or a list of GPU indexes or UUIDs")
     for key, typ, what in (("mem_busy_mib", int, "a whole number of MiB"),
                            ("max_tree_mb", int, "a whole number of MB"),
+                           ("max_points", int, "a whole number of jobs"),
                            ("connect_timeout", (int, float), "a number of seconds"),
                            ("io_timeout", (int, float), "a number of seconds above 0")):
         if key in data:

@@ -13,7 +13,7 @@ KEYS = {
     "project": "a name for the project on the hosts (outputs are kept per project; default: "
                "the folder's name)",
     "run": "the command a bare `rtrain submit` runs (a string for the shell, or a list)",
-    "gpus": "GPUs a job needs (default 0)",
+    "gpus": "GPUs a job needs (default 0; 0.5, 0.33, 0.25: a share of one GPU)",
     "host": "the host to submit to (default: hosts.yaml's default)",
     "env": "variables for the jobs; $VAR and ${VAR} expand on the host, $$ is a $",
     "setup": "commands that build the project's environment on the host (e.g. pip install -r "
@@ -34,6 +34,8 @@ KEYS = {
     "container": "container settings: network (host), shm_size (8g), ipc, pull (missing), "
                  "build_network (none unless the Dockerfile has RUN steps)",
     "hosts": "per host: python, venv, conda_env, env, mounts, image, build for that host only",
+    "sweep": "variables to sweep: one job per combination, {name} in `run` is its value "
+             "(lr: [1e-3, 3e-4], seed: 0..4)",
 }
 HOST_OVERRIDES = ("python", "venv", "conda_env", "env", "mounts", "image", "build")
 ENV_KEYS = ("setup", "conda", "python", "venv", "conda_env")  # a host environment: not in a container
@@ -48,7 +50,8 @@ class Project:
     root: str = "."
     project: str = "default"
     run: Optional[Tuple[str, ...]] = None  # one string: a shell command; several: an argv
-    gpus: Optional[int] = None
+    gpus: Optional[float] = None
+    sweep: Tuple[Tuple[str, object], ...] = ()  # (name, tuple of values or "a..b")
     host: Optional[str] = None
     env: Tuple[Tuple[str, str], ...] = ()
     setup: Optional[str] = None
@@ -174,9 +177,22 @@ def _value(key, v, where):
             return tuple(str(x) for x in v)
         _bad(where, key, "a command (a string, or a list of arguments)", v)
     if key == "gpus":
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            _bad(where, key, "a whole number, 0 or more", v)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (v != int(v) and v > 1):
+            _bad(where, key, "a whole number, 0 or more, or a share of one GPU (0.5, 0.33, 0.25)", v)
         return v
+    if key == "sweep":
+        if not isinstance(v, dict) or not v or not all(isinstance(k, str) and _VAR.match(k) for k in v):
+            _bad(where, key, "a mapping of variable names to values (lr: [1e-3, 3e-4], seed: 0..4)", v)
+        out = []
+        for k, x in v.items():
+            if isinstance(x, list) and x and all(isinstance(y, (str, int, float)) and not isinstance(y, bool)
+                                                 for y in x):
+                out.append((k, tuple(str(y) for y in x)))
+            elif isinstance(x, str) and x.strip():
+                out.append((k, x))
+            else:
+                _bad(where, "sweep: %s" % k, "a non-empty list of values or a range a..b", x)
+        return tuple(out)
     if key in ("host", "python", "venv", "conda", "conda_env", "build"):
         if not isinstance(v, str) or not v.strip():
             _bad(where, key, "a non-empty string", v)
@@ -293,9 +309,14 @@ STARTER = """\
 # The command a bare `rtrain submit` runs.
 run: python3 train.py
 
-# GPUs per job, and the host (a name from hosts.yaml).
+# GPUs per job (0.5: two jobs share one GPU), and the host (a name from hosts.yaml).
 # gpus: 1
 # host: tower
+
+# One job per combination: {lr} and {seed} in `run` are the values (rtrain submit --sweep ... too).
+# sweep:
+#   lr: [1e-3, 3e-4]
+#   seed: 0..4
 
 # The environment, built once on each host and reused while these lines and the files they
 # read (requirements*.txt, pyproject.toml, uv.lock, environment.yml) stay the same.

@@ -253,7 +253,8 @@ class Daemon(Scheduler):
                     " wrapper_start=NULL WHERE id=?",
                     (json.dumps(uuids), time.time(), fsutil.boot_id(), job_id))
             env = fsutil.read_json(self.home.job(job_id).env)
-            spec = {"id": job_id, "command": row["command"], "env": env if isinstance(env, dict) else {},
+            env = dict(env if isinstance(env, dict) else {}, **json.loads(row["vars"] or "{}"))  # a point's
+            spec = {"id": job_id, "command": row["command"], "env": env,
                     "grace": row["grace"], "gpus": uuids, "lock_dir": lock_dir,
                     "container": jobcontainer.spec(self.home, job_id)}
             home, argv = self.home, self.agent_argv

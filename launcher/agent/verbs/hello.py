@@ -5,7 +5,7 @@ import shutil
 import sqlite3
 import sys
 
-from .. import daemon, gpus, logind
+from .. import daemon, gpus, logind, policy
 from ..protocol import PROTOCOL, VERSION, AgentError
 
 
@@ -46,6 +46,7 @@ def hello(ctx):
         "daemon_running": writable and daemon.running(ctx.home),
         "autostop": _autostop(ctx) if writable and database is None else None,
         "containers": _containers(ctx) if ctx.req.get("containers") is not None else None,
+        "policy": policy.load().summary(),  # the tower's (`rtrain hosts` warns when it is ignored)
     }
 
 
