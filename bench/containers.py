@@ -3,7 +3,9 @@
 (agent/runner.py, as the daemon forks it) on the host's userland, in a docker container (a
 private dockerd) and in a rootless podman container (a test user), side by side with a bare
 `docker run --rm IMAGE true` / `podman run --rm IMAGE true` on the same engine, same image.
-Time: from the wrapper's fork to its exit (the exit record written and made durable).
+Time: from the wrapper's fork to its exit (the exit record written and made durable). Then the
+whole path on this machine (host `local`, docker): `rtrain submit -f` of `true` with --image
+against without, client start to exit code (the daemon already running).
 Needs root, docker.io, podman, uidmap and mmdebstrap (bash tests/setup.sh); the Debian base
 image is made once and cached (tests/containers.py).
 Usage: sudo python3 bench/containers.py [--runs 10] [--no-podman]"""
@@ -71,9 +73,56 @@ def bare(argv, env, pw=None):
     return time.perf_counter() - t
 
 
-def series(fn, runs):
-    fn(0)  # warm: first container start loads the image's layers into the page cache
-    return statistics.median(fn(i + 1) for i in range(runs))
+def end_to_end(root, env, image=None):
+    """Seconds of `rtrain submit -f -q [--image IMAGE] -- true` on this machine (host local)."""
+    argv = [sys.executable, "-m", "launcher", "--hosts", str(root / "hosts.yaml"), "submit", "-f", "-q"]
+    argv += ["--image", image] if image else []
+    t = time.perf_counter()
+    p = subprocess.run(argv + ["--", "true"], cwd=str(root / "src"), env=env, stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE)
+    took = time.perf_counter() - t
+    if p.returncode != 0:
+        raise SystemExit("rtrain submit failed: %s" % p.stderr.decode())
+    return took
+
+
+def interleaved(fns, runs):
+    """{name: median seconds} of fns {name: fn(i)}, run round-robin (the machine's load drifts;
+    each name sees the same drift). One warm-up run each: the first container start loads the
+    image's layers into the page cache."""
+    times = {name: [] for name in fns}
+    for i in range(runs + 1):
+        for name, fn in fns.items():
+            t = fn(i)
+            if i:
+                times[name].append(t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def rtrain_argv(root, image, engine, env, pw=None):
+    """The `ENGINE run ...` argv rtrain's wrapper would run for a job `true` (jobcontainer.py)."""
+    from launcher.agent import jobcontainer
+    home = paths.Home(str(root / "home"))
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # as the engine's user: the job's folder and variables file are theirs
+        try:
+            os.close(r)
+            if pw is not None:
+                _become(pw)()
+            home.ensure()
+            os.makedirs(home.job(1).work, exist_ok=True)
+            job = {"id": 1, "command": "true", "env": {}, "grace": 2, "gpus": [],
+                   "container": {"image": image, "engine": engine, "pull": "never"}}
+            argv, _env, _c = jobcontainer.command(home, job, runner.fixed_vars(1, []), base_env=env)
+            os.write(w, "\0".join(argv).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        data = f.read()
+    os.waitpid(pid, 0)
+    return data.decode().split("\0")
 
 
 def main():
@@ -93,43 +142,67 @@ def main():
         rootfs = ct.base_rootfs()
         image = dk.import_rootfs(rootfs, ct.BASE_IMAGE)
         denv = dict(os.environ, PATH=PATH, DOCKER_HOST=dk.url)
-        host = series(lambda i: wrapper_job(tmp / ("host%d" % i), 1, denv), a.runs)
-        rows.append(("host job (bash -c true)", host, None))
-        dbare = series(lambda i: bare(["docker", "run", "--rm", "--pull=never", "--network=host", image,
-                                       "true"], denv), a.runs)
-        dinit = series(lambda i: bare(["docker", "run", "--rm", "--pull=never", "--network=host", "--init",
-                                       image, "true"], denv), a.runs)
-        djob = series(lambda i: wrapper_job(tmp / ("dk%d" % i), 1, denv, {
-            "image": image, "engine": "docker", "pull": "never"}), a.runs)
-        rows += [("docker run --rm IMAGE true", dbare, None),
-                 ("docker run --rm --init IMAGE true", dinit, None),
-                 ("container job, docker", djob, dbare)]
+        dargv = rtrain_argv(tmp / "dkargv", image, "docker", denv)
+        e2e = tmp / "e2e"
+        (e2e / "src").mkdir(parents=True)
+        (e2e / "hosts.yaml").write_text("hosts:\n  local:\n    container_engine: docker\n")
+        eenv = dict(denv, RTRAIN_HOME=str(e2e / "home"), PYTHONPATH=str(REPO))
+        m = interleaved({
+            "host": lambda i: wrapper_job(tmp / ("host%d" % i), 1, denv),
+            "bare": lambda i: bare(["docker", "run", "--rm", "--pull=never", "--network=host", image,
+                                    "true"], denv),
+            "argv": lambda i: bare(dargv, denv),
+            "job": lambda i: wrapper_job(tmp / ("dk%d" % i), 1, denv, {
+                "image": image, "engine": "docker", "pull": "never"}),
+            "e2e host": lambda i: end_to_end(e2e, eenv),
+            "e2e ctr": lambda i: end_to_end(e2e, eenv, image)}, a.runs)
+        host = m["host"]
+        rows += [("host job (bash -c true)", host, None),
+                 ("docker run --rm IMAGE true", m["bare"], None),
+                 ("docker run, rtrain's argv (binds, init)", m["argv"], m["bare"]),
+                 ("container job, docker", m["job"], m["bare"]),
+                 ("rtrain submit -f true, host job", m["e2e host"], None),
+                 ("rtrain submit -f --image IMAGE true", m["e2e ctr"], None)]
+        e2e_rows = (m["e2e host"], m["e2e ctr"], m["bare"])
         if not a.no_podman and ct.podman_missing() is None:
             pm = ct.make_podman()
             pimage = pm.import_rootfs(rootfs, ct.BASE_IMAGE)
             penv = dict(pm.env(), PATH=PATH)
-            for i in range(a.runs + 1):
+            for i in range(a.runs + 2):
                 (tmp / ("pm%d" % i)).mkdir()
                 os.chown(tmp / ("pm%d" % i), pm.pw.pw_uid, pm.pw.pw_gid)
-            phost = series(lambda i: wrapper_job(tmp / ("pm%d" % i) / "h", 1, penv, pw=pm.pw), a.runs)
-            pbare = series(lambda i: bare(["podman", "run", "--rm", "--pull=never", "--network=host",
-                                           pimage, "true"], penv, pm.pw), a.runs)
-            pjob = series(lambda i: wrapper_job(tmp / ("pm%d" % i) / "c", 1, penv, {
-                "image": pimage, "engine": "podman", "pull": "never"}, pm.pw), a.runs)
-            rows += [("host job, as the podman user", phost, None),
-                     ("podman run --rm IMAGE true (rootless)", pbare, None),
-                     ("container job, podman (rootless)", pjob, pbare)]
+            pargv = rtrain_argv(tmp / ("pm%d" % (a.runs + 1)), pimage, "podman", penv, pm.pw)
+            p = interleaved({
+                "host": lambda i: wrapper_job(tmp / ("pm%d" % i) / "h", 1, penv, pw=pm.pw),
+                "bare": lambda i: bare(["podman", "run", "--rm", "--pull=never", "--network=host",
+                                        pimage, "true"], penv, pm.pw),
+                "argv": lambda i: bare(pargv, penv, pm.pw),
+                "job": lambda i: wrapper_job(tmp / ("pm%d" % i) / "c", 1, penv, {
+                    "image": pimage, "engine": "podman", "pull": "never"}, pm.pw)}, a.runs)
+            rows += [("host job, as the podman user", p["host"], None),
+                     ("podman run --rm IMAGE true (rootless)", p["bare"], None),
+                     ("podman run, rtrain's argv", p["argv"], p["bare"]),
+                     ("container job, podman (rootless)", p["job"], p["bare"])]
     finally:
         if pm is not None:
             pm.stop()
+        _stop_daemon(tmp / "e2e" / "home")
         dk.stop()
         shutil.rmtree(tmp, ignore_errors=True)
-    print("job start overhead (medians of %d runs), %s" % (a.runs, time.strftime("%Y-%m-%d")))
+    print("job start overhead (medians of %d interleaved runs), %s" % (a.runs, time.strftime("%Y-%m-%d")))
     for name, t, against in rows:
-        extra = ""
-        if against:
-            extra = "   %.2fx the bare engine run, %.0fx the host job" % (t / against, t / host)
+        extra = "   %.2fx the bare engine run" % (t / against) if against else ""
         print("  %-40s %8.1f ms%s" % (name, t * 1000, extra))
+    ehost, ectr, dbare = e2e_rows
+    print("  end to end, the container's cost: %+.0f ms over the host job (a bare docker run: %.0f ms)" % (
+        (ectr - ehost) * 1000, dbare * 1000))
+
+
+def _stop_daemon(home):
+    """The e2e daemon and its jobs (tests/support.py stop_agent)."""
+    from support import stop_agent
+    if home.exists():
+        stop_agent(home)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from .agent.protocol import PROTOCOL
 from .errors import AgentReplyError, HostError
 
 # Verbs whose small requests (no secrets in them) may travel as an argument: see _start
-INLINE_VERBS = ("hello", "status", "gpus", "cancel", "logs", "outputs", "read")
+INLINE_VERBS = ("hello", "status", "gpus", "cancel", "logs", "outputs", "read", "shell")
 INLINE_MAX = 16 << 10
 
 
@@ -161,6 +161,13 @@ class AgentClient:
     def call(self, verb, req=None):
         """Run one verb; return its result dict or raise AgentReplyError / HostError."""
         return self._shipping(lambda: self._call(verb, req))
+
+    def interactive(self, verb, req=None):
+        """Run a verb that takes this terminal over (`shell`): the host's process gets a pty.
+        Returns its exit status. The agent must be on the host already (any call puts it there)."""
+        body = dict(self.base_request())
+        body.update(req or {})
+        return self.transport.interactive(self._argv(verb) + ["--request", json.dumps(body)])
 
     def exchange(self, verb, req, respond):
         """Run a verb that may ask for more mid-way: each frame it writes before its reply (a

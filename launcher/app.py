@@ -10,12 +10,13 @@ from .errors import AgentReplyError, RtrainError
 HIDE_FINISHED_AFTER_S = 24 * 3600
 
 
-def status(session, host=None, states=None, show_all=False, limit=None):
+def status(session, host=None, states=None, show_all=False, limit=None, fold_groups=False):
     """(jobs newest first, [(host, error)], hidden count) across hosts, asked in parallel.
     Without show_all, finished jobs older than a day are hidden and so are all but the
-    `limit` newest finished ones per host."""
+    `limit` newest finished ones per host. fold_groups: each sweep or array is one entry
+    among the jobs, with its jobs counted per state ("counts"; groups.py)."""
     names = session.hosts(host)
-    req = {}
+    req = {"fold_groups": True} if fold_groups else {}
     if states:
         req["states"] = list(states)
     if not show_all and not states:
@@ -29,6 +30,9 @@ def status(session, host=None, states=None, show_all=False, limit=None):
             continue
         hidden += res.get("hidden", 0)
         jobs.extend(session.decorate(name, j) for j in res["jobs"])
+        if res.get("groups"):
+            from .groups import decorate
+            jobs.extend(decorate(session, name, g) for g in res["groups"])
     jobs.sort(key=lambda j: j["submitted_at"], reverse=True)
     return jobs, failures, hidden
 
@@ -48,7 +52,8 @@ def gpu_hours(job, now=None):
     if not start:
         return 0.0
     end = job.get("ended_at") or (now or time.time())
-    return len(job.get("gpus") or ()) * max(0.0, end - start) / 3600.0
+    # a job sharing a GPU with others (--gpus 0.5) counts its share
+    return len(job.get("gpus") or ()) / float(job.get("share") or 1) * max(0.0, end - start) / 3600.0
 
 
 def cancel(session, ref):

@@ -23,7 +23,7 @@ def _parse_env(pairs):
 
 
 def cmd_submit(args, session_factory):
-    from . import project, render, submit
+    from . import groups, project, render, submit, sweep
     proj = project.load(args.dir)  # rtrain.yaml: the defaults; the command line wins
     cmd = list(args.command)
     if cmd and cmd[0] == "--":
@@ -34,18 +34,29 @@ def cmd_submit(args, session_factory):
         raise RtrainError("no command to run", "put it after `--`: rtrain submit -- python3 train.py "
                           "(or set `run:` in rtrain.yaml)")
     gpus = args.gpus if args.gpus is not None else (proj.gpus or 0)
+    # a sweep (--sweep, else rtrain.yaml's sweep:) or an array: one job per point (sweep.py)
+    sweeps = sweep.parse_sweeps(args.sweep) if args.sweep else (
+        sweep.from_project(proj.sweep, proj.path) if proj.sweep and args.array is None else None)
+    many = sweep.plan(cmd, sweeps, args.array)
+    if many and args.follow:
+        raise RtrainError("--follow follows one job; this submit queues %d" % len(many["points"]),
+                          "watch them with `rtrain status GROUP` and `rtrain logs GROUP --tail 20`")
     err = render.Stderr(quiet=args.quiet)
     with session_factory(args) as s:
+        host, after, after_any = args.host or proj.host, (), ()
+        if args.after or args.after_any:  # dependencies are on the job's own host
+            host, after, after_any = groups.dependencies(s.cfg, args.after, args.after_any, host)
         job = submit.submit(
-            s, cmd, host=args.host or proj.host, gpus=gpus, name=args.name, priority=args.priority,
+            s, cmd, host=host, gpus=gpus, name=args.name, priority=args.priority,
             retries=args.retries, env=_parse_env(args.env), root=args.dir,
             confirm_large=lambda info: args.yes or render.confirm_large(info),
-            progress=err.progress, events=err.event, project=proj)
+            progress=err.progress, events=err.event, project=proj, image=args.image, many=many,
+            after=after, after_any=after_any, yes=args.yes)
         err.done()
         if job.get("uploaded_files"):
             err.event("sent", {"files": job["uploaded_files"], "bytes": job["uploaded"]})
         if args.quiet:
-            sys.stdout.write(job["id"] + "\n")
+            sys.stdout.write((job["group"] if many else job["id"]) + "\n")
         else:
             render.submitted(job)
         sys.stdout.flush()
@@ -55,8 +66,15 @@ def cmd_submit(args, session_factory):
 
 
 def cmd_status(args, session_factory):
-    from . import app, render
+    from . import app, groups, render
     with session_factory(args) as s:
+        if args.job and groups.is_group(args.job):  # a sweep's or an array's jobs
+            g, jobs = groups.status(s, args.job)
+            if args.json:
+                print(json.dumps({"group": g, "jobs": [render.job_json(j) for j in jobs]}, indent=2))
+            else:
+                render.group_detail(g, jobs)
+            return 0
         if args.job:
             job = app.job(s, args.job)
             if args.json:
@@ -67,7 +85,7 @@ def cmd_status(args, session_factory):
         while True:
             jobs, failures, hidden = app.status(
                 s, host=args.host, states=args.state, show_all=args.all,
-                limit=None if (args.all or args.json) else args.limit)
+                limit=None if (args.all or args.json) else args.limit, fold_groups=not args.json)
             if args.json:
                 print(json.dumps([render.job_json(j) for j in jobs], indent=2))
                 sys.stdout.flush()
@@ -83,7 +101,15 @@ def cmd_status(args, session_factory):
 
 
 def cmd_logs(args, session_factory):
+    from . import groups, render
     with session_factory(args) as s:
+        if groups.is_group(args.job):  # the end of each job's log, in one call
+            if args.follow:
+                raise RtrainError("logs -f follows one job; %s is a group" % args.job,
+                                  "rtrain logs %s --tail 20 shows the end of each job's log" % args.job)
+            g, tails = groups.tails(s, args.job, args.tail if args.tail is not None else 10)
+            render.group_tails(g, tails)
+            return 0
         return _follow(s, args.job, args.tail, follow=args.follow, desktop=args.notify)
 
 
@@ -134,10 +160,16 @@ def _follow(session, ref, tail, follow=True, quiet=False, desktop=False):
 
 def cmd_cancel(args, session_factory):
     from . import app, render
+    from . import groups
     code = 0
     with session_factory(args) as s:
         for ref in args.jobs:
             try:
+                if groups.is_group(ref):
+                    g = groups.cancel(s, ref)
+                    print("cancelled group %s: %d queued and %d running job(s)" % (
+                        g["id"], g["cancelled_queued"], g["cancelled_running"]))
+                    continue
                 job = app.cancel(s, ref)
             except RtrainError as e:
                 render.error(e.message, e.hint)
@@ -238,6 +270,25 @@ def cmd_autostop(args, session_factory):
     return 0
 
 
+def cmd_usage(args, session_factory):
+    from . import render, usage
+    with session_factory(args) as s:
+        res = usage.usage(s, since=args.since, by=args.by, host=args.host)
+    if args.json:
+        print(json.dumps({k: res[k] for k in ("rows", "totals", "since", "by")}, indent=2))
+        render.host_errors(res["failures"])
+    else:
+        render.usage_table(res)
+    return 1 if res["failures"] else 0
+
+
+def _live():
+    from . import commands_live as live
+    return {"forward": live.cmd_forward, "shell": live.cmd_shell, "jupyter": live.cmd_jupyter,
+            "tensorboard": live.cmd_tensorboard}
+
+
 HANDLERS = {"submit": cmd_submit, "status": cmd_status, "logs": cmd_logs, "cancel": cmd_cancel,
             "pull": cmd_pull, "hosts": cmd_hosts, "gpus": cmd_gpus, "init": cmd_init,
-            "prune": cmd_prune, "autostop": cmd_autostop}
+            "prune": cmd_prune, "autostop": cmd_autostop, "usage": cmd_usage}
+HANDLERS.update(_live())

@@ -19,6 +19,7 @@ HOST_KEYS = {
     "io_timeout": "seconds an SSH call may go without a byte from the host before it fails "
                   "(default 60; `logs -f` has its own stall check)",
     "max_tree_mb": "ask before syncing a tree larger than this (default 100)",
+    "max_points": "ask before queueing a sweep or an array of more jobs than this (default 1000)",
     "env": "variables set for every job on this host",
     "lock_dir": "shared sticky directory of GPU lease files (default /run/lock, else /tmp)",
     "nvidia_smi": "nvidia-smi command on the host (default nvidia-smi)",
@@ -36,6 +37,8 @@ HOST_KEYS = {
     "transport": "openssh or paramiko (default: openssh where an OpenSSH client is installed)",
     "control_persist": "how long a shared OpenSSH connection stays open after use: seconds or "
                        "10m/1h (default 10m); 0 or no: no sharing",
+    "container_engine": "docker or podman: what runs container jobs (--image, image: in rtrain.yaml); "
+                        "default: podman where you can run it rootless, else docker",
 }
 HOST_KEYS.update(slurmhost.KEYS)  # scheduler: slurm, and the sbatch options of such a host
 TOP_KEYS = ("default", "hosts")
@@ -55,6 +58,7 @@ class Host:
     connect_timeout: float = 10.0
     io_timeout: float = 60.0
     max_tree_mb: int = 100
+    max_points: int = 1000
     env: Tuple[Tuple[str, str], ...] = ()
     lock_dir: Optional[str] = None
     nvidia_smi: Optional[str] = None
@@ -69,6 +73,7 @@ class Host:
     compare_price: Optional[float] = None
     transport: Optional[str] = None  # None: openssh where it can be used (sshcommon.transport_of)
     control_persist: str = "10m"     # "no": no connection sharing
+    container_engine: Optional[str] = None
     slurm: Optional[dict] = field(default=None, hash=False)  # scheduler: slurm (slurmhost.py)
 
 
@@ -226,6 +231,7 @@ def _host(path, name, line, node):
             bad("gpus", "'all' or a list of GPU indexes or UUIDs")
     for key, typ, what in (("mem_busy_mib", int, "a whole number of MiB"),
                            ("max_tree_mb", int, "a whole number of MB"),
+                           ("max_points", int, "a whole number of jobs"),
                            ("connect_timeout", (int, float), "a number of seconds"),
                            ("io_timeout", (int, float), "a number of seconds above 0")):
         if key in data:
@@ -265,6 +271,10 @@ def _host(path, name, line, node):
         if env_problem(dict(kw["env"])):
             bad("env", "a mapping of NAME: value (%s)" % env_problem(dict(kw["env"])))
     _watch_keys(data, bad, kw)
+    if "container_engine" in data and data.get("scheduler") != "slurm":  # (Slurm's: slurmhost.py)
+        if data["container_engine"] not in ("docker", "podman"):
+            bad("container_engine", "docker or podman")
+        kw["container_engine"] = data["container_engine"]
     slurmhost.parse(data, bad, kw)
     return Host(**kw)
 

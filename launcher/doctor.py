@@ -2,7 +2,7 @@
 disk), and say what to fix."""
 import time
 
-from . import connections
+from . import connections, containercheck
 from . import hosts as hostsmod
 from .errors import HostError, RtrainError
 
@@ -18,7 +18,8 @@ def doctor(session, host=None):
         before = connections.state(c.transport)  # was a shared connection up before this call?
         t0 = time.monotonic()
         try:
-            hello = c.call("hello", {"settings": c.settings(), "autostop": h.autostop})
+            hello = c.call("hello", {"settings": c.settings(), "autostop": h.autostop,
+                                     "containers": {"engine": h.container_engine}})
         except HostError as e:
             kind = "ssh" if h.kind == "ssh" else "agent"
             if e.check and h.kind == "ssh":  # ssh itself worked: say which part failed
@@ -42,7 +43,8 @@ def doctor(session, host=None):
             out += slurmhost.checks(hello["slurm"])
         else:
             out += _gpu_checks(c)
-        out += _home_checks(hello)
+            out += containercheck.checks(hello.get("containers"), h.container_engine is not None)
+        out += _home_checks(hello) + policy_check(hello.get("policy"))
         free = hello.get("disk_free")
         writable = bool(hello.get("home_writable"))
         # not writable: nothing works; under 1 GiB free: works until a snapshot or log fills it
@@ -117,6 +119,25 @@ def _duration(s):
     if s < 7200:
         return "%d min" % round(s / 60.0)
     return "%dh%02d" % (s // 3600, s % 3600 // 60)
+
+
+def policy_check(pol):
+    """The tower policy's line (agent/policy.py): what it sets, or why it is ignored."""
+    if not pol or pol.get("state") in (None, "none"):
+        return []
+    if pol["state"] == "ignored":
+        return [{"name": "policy", "ok": None, "detail": "the tower policy is ignored: %s" % pol["problem"],
+                 "fix": "ask the admin: the file and its folders must be root's and writable by root only"}]
+    if pol["state"] == "error":
+        return [{"name": "policy", "ok": False, "detail": pol["problem"],
+                 "fix": "GPU jobs wait until the admin fixes it"}]
+    parts = ["%d hidden" % len(pol["hidden"])] if pol["hidden"] else []
+    parts += ["GPUs reserved for %s" % "; ".join(pol["reserved"])] if pol["reserved"] else []
+    parts += ["at most %s GPUs per user" % pol["cap"]] if pol.get("cap") is not None else []
+    parts += ["preferred order %s" % ",".join(pol["order"])] if pol["order"] else []
+    parts += ["lease dir %s" % pol["lock_dir"]] if pol.get("lock_dir") else []
+    return [{"name": "policy", "ok": True, "detail": "%s: %s" % (pol["path"], ", ".join(parts) or "empty"),
+             "fix": ""}]
 
 
 def _home_checks(hello):

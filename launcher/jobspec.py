@@ -74,16 +74,39 @@ def setup_files(code, project):
     return out
 
 
-def request(project, code):
-    """The submit request's "project" (None when the project file asks nothing of the host)."""
+def request(project, code, in_container=False):
+    """The submit request's "project" (None when the project file asks nothing of the host).
+    A container job gets no host environment: its image is its environment."""
     env = {}
-    if project.setup or project.conda:
+    if (project.setup or project.conda) and not in_container:
         env = {"setup": project.setup, "conda": project.conda, "files": setup_files(code, project)}
     for k in ("python", "venv", "conda_env"):
         if getattr(project, k):
             env[k] = getattr(project, k)
-    env = {k: v for k, v in env.items() if v is not None}
-    if not (env or project.shell or project.data or project.mounts or project.outputs):
+    env = {} if in_container else {k: v for k, v in env.items() if v is not None}
+    shell = None if in_container else project.shell
+    if not (env or shell or project.data or project.mounts or project.outputs):
         return None
-    return {"name": project.project, "env": env, "shell": project.shell, "data": list(project.data),
+    return {"name": project.project, "env": env, "shell": shell, "data": list(project.data),
             "mounts": [list(m) for m in project.mounts], "outputs": list(project.outputs)}
+
+
+def container(project, code, engine=None):
+    """The submit request's "container" (docs/contracts.md "Containers"): the image, or the
+    Dockerfile to build it from (which must be in the snapshot), the project's `container:`
+    settings and hosts.yaml's container_engine; None for a host job. Checked here by the
+    agent's own rules, so a bad value is refused before anything is sent."""
+    from .agent import containers
+    if not project.image and not project.build:
+        return None
+    req = dict(project.container, engine=engine, image=project.image)
+    if project.build:
+        if not any(e["path"] == project.build and e.get("type", "file") == "file" for e in code):
+            raise RtrainError("build: %s is not in the snapshot" % project.build,
+                              "name a Dockerfile in the project that rtrain sends (not ignored)")
+        req["build"] = {"dockerfile": project.build, "project": project.project}
+    try:
+        containers.settings(req)
+    except containers.ContainerError as e:
+        raise RtrainError(e.message, e.hint)
+    return req

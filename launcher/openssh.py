@@ -22,6 +22,7 @@ import threading
 import time
 
 from . import sshcommon as sc
+from .agent import fsutil
 from .errors import HostError
 from .sshproc import MARKER, SshProcess
 from .transport import Transport, local_home
@@ -161,7 +162,7 @@ class OpenSSHTransport(Transport):
         h = hashlib.sha256(text.encode()).hexdigest()[:16]
         path = os.path.join(self.dir, "config-%s" % h)
         if not os.path.exists(path):
-            _write(path, text)
+            fsutil.write_private(path, text)
         # the master does not depend on accept-new (it matters only while connecting)
         ident = "\0".join([self.ssh, self._config_text("yes"), self.dest] + self.target)
         return path, hashlib.sha256(ident.encode()).hexdigest()[:16]
@@ -215,7 +216,7 @@ class OpenSSHTransport(Transport):
             return
         self._stamped = True
         try:
-            _write(self.control_path + ".t", "%f %f\n" % (time.time(), time.monotonic()))
+            fsutil.write_private(self.control_path + ".t", "%f %f\n" % (time.time(), time.monotonic()))
         except OSError:
             pass
 
@@ -242,6 +243,26 @@ class OpenSSHTransport(Transport):
         for p in finished:  # calls whose reply was read: their pipes go (status --watch)
             p.kill()
         return SshProcess(self, "echo %s && exec %s" % (MARKER.decode(), sc.command_line(argv, env)))
+
+    def forward(self, remote_port, local_port=None):
+        """Ask the shared connection to forward (`ssh -O forward -L`; `-O cancel` at close);
+        without sharing, an `ssh -N -L` of its own."""
+        from .forward import free_port
+        port = free_port(local_port or remote_port)
+        spec = "127.0.0.1:%d:127.0.0.1:%d" % (port, int(remote_port))
+        if self.master_up():
+            cp = self.control_path.replace("%", "%%")
+            base = [self.ssh, "-F", self.config_file, "-o", "ControlPath=" + cp] + self.target
+            p = subprocess.run(base + ["-O", "forward", "-L", spec, "--", self.dest], stdin=subprocess.DEVNULL,
+                               capture_output=True, text=True, timeout=float(self.cfg.connect_timeout) + 10)
+            if p.returncode == 0:
+                return _MasterForward(base + ["-O", "cancel", "-L", spec, "--", self.dest], port)
+        proc = subprocess.Popen(self.argv(direct=True, extra=["-N", "-o", "ExitOnForwardFailure=yes", "-L", spec]),
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        return _ProcessForward(proc, port, self.name)
+
+    def interactive(self, argv):
+        return subprocess.call(self.argv(sc.command_line(argv), extra=["-t"]))
 
     def close(self):
         """End this command's ssh children; the shared connection stays for the next command."""
@@ -334,13 +355,40 @@ class OpenSSHTransport(Transport):
                 "shared_up": up, "control_path": self.control_path}
 
 
-def _write(path, text):
-    """Atomically, mode 0600."""
-    tmp = "%s.tmp%d" % (path, os.getpid())
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+class _MasterForward:
+    def __init__(self, cancel, port):
+        self.cancel = cancel
+        self.local_port = port
+
+    def close(self):
+        subprocess.run(self.cancel, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, timeout=30)
+
+
+class _ProcessForward:
+    """An `ssh -N -L` of its own: ready once the local port answers (or it failed)."""
+
+    def __init__(self, proc, port, host):
+        self.proc = proc
+        self.local_port = port
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                err = proc.stderr.read().decode("utf-8", "replace").strip()
+                raise HostError(host, "cannot forward port %d: %s" % (port, err.splitlines()[-1] if err else
+                                                                       "ssh exit %d" % proc.returncode))
+            try:
+                socket.create_connection(("127.0.0.1", port), 0.2).close()
+                return
+            except OSError:
+                time.sleep(0.1)
+
+    def close(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
 
 
 def close_master(ssh, path):

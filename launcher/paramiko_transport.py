@@ -279,6 +279,22 @@ class ParamikoTransport(Transport):
     def _io_timeout(self):
         return float(getattr(self.cfg, "io_timeout", None) or 60.0)
 
+    def forward(self, remote_port, local_port=None):
+        """A relay here (forward.py) opening one direct-tcpip channel per connection."""
+        from .forward import Relay, free_port
+        t = self._connect().get_transport()
+        return Relay(lambda: t.open_channel("direct-tcpip", ("127.0.0.1", int(remote_port)), ("127.0.0.1", 0),
+                                            timeout=self._io_timeout()),
+                     free_port(local_port or remote_port))
+
+    def interactive(self, argv):
+        from .forward import terminal_pump, terminal_size
+        chan = self._connect().get_transport().open_session(timeout=30)
+        cols, rows = terminal_size()
+        chan.get_pty(term=os.environ.get("TERM", "xterm"), width=cols, height=rows)
+        chan.exec_command(sc.command_line(argv))
+        return terminal_pump(chan)
+
     def close(self):
         self._gen += 1
         for c in reversed(self._conns):

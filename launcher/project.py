@@ -13,7 +13,7 @@ KEYS = {
     "project": "a name for the project on the hosts (outputs are kept per project; default: "
                "the folder's name)",
     "run": "the command a bare `rtrain submit` runs (a string for the shell, or a list)",
-    "gpus": "GPUs a job needs (default 0)",
+    "gpus": "GPUs a job needs (default 0; 0.5, 0.33, 0.25: a share of one GPU)",
     "host": "the host to submit to (default: hosts.yaml's default)",
     "env": "variables for the jobs; $VAR and ${VAR} expand on the host, $$ is a $",
     "setup": "commands that build the project's environment on the host (e.g. pip install -r "
@@ -28,9 +28,17 @@ KEYS = {
     "data": "paths sent even when ignored, shared read-only by the jobs (not copied per job)",
     "mounts": "work-dir path: host path, for data that already lives on the host",
     "outputs": "work-dir paths kept per project and host, shared by its jobs (checkpoints)",
-    "hosts": "per host: python, venv, conda_env, env, mounts for that host only",
+    "image": "run the jobs in this container image (docker or podman on the host)",
+    "build": "a Dockerfile in the project: the jobs' image is built on the host from the job's "
+             "snapshot, once per content of the Dockerfile and the files it copies",
+    "container": "container settings: network (host), shm_size (8g), ipc, pull (missing), "
+                 "build_network (none unless the Dockerfile has RUN steps)",
+    "hosts": "per host: python, venv, conda_env, env, mounts, image, build for that host only",
+    "sweep": "variables to sweep: one job per combination, {name} in `run` is its value "
+             "(lr: [1e-3, 3e-4], seed: 0..4)",
 }
-HOST_OVERRIDES = ("python", "venv", "conda_env", "env", "mounts")
+HOST_OVERRIDES = ("python", "venv", "conda_env", "env", "mounts", "image", "build")
+ENV_KEYS = ("setup", "conda", "python", "venv", "conda_env")  # a host environment: not in a container
 SETUP_FILES = ("requirements*.txt", "pyproject.toml", "uv.lock", "environment.yml")
 _NAME = re.compile(r"\A[A-Za-z0-9_][A-Za-z0-9._-]{0,99}\Z")
 _VAR = re.compile(r"\A[A-Za-z_][A-Za-z0-9_]*\Z")
@@ -42,7 +50,8 @@ class Project:
     root: str = "."
     project: str = "default"
     run: Optional[Tuple[str, ...]] = None  # one string: a shell command; several: an argv
-    gpus: Optional[int] = None
+    gpus: Optional[float] = None
+    sweep: Tuple[Tuple[str, object], ...] = ()  # (name, tuple of values or "a..b")
     host: Optional[str] = None
     env: Tuple[Tuple[str, str], ...] = ()
     setup: Optional[str] = None
@@ -55,6 +64,9 @@ class Project:
     data: Tuple[str, ...] = ()
     mounts: Tuple[Tuple[str, str], ...] = ()
     outputs: Tuple[str, ...] = ()
+    image: Optional[str] = None
+    build: Optional[str] = None            # a Dockerfile, relative to the root
+    container: Tuple[Tuple[str, str], ...] = ()
     hosts: dict = field(default_factory=dict)  # host -> {key: value} of HOST_OVERRIDES
 
     def for_host(self, name):
@@ -72,7 +84,19 @@ class Project:
             kw.setdefault("venv", None if "conda_env" in kw else kw.get("venv"))
             kw.setdefault("conda_env", None)
             kw["setup"], kw["conda"] = None, None
+            kw["image"], kw["build"] = None, None
+        if "image" in over or "build" in over:  # a container for this host: the image is its environment
+            kw["image"], kw["build"] = over.get("image"), over.get("build")
         return dataclasses.replace(self, **kw)
+
+    def with_image(self, image):
+        """The project as a job of --image IMAGE runs it: in that image, with no host environment."""
+        import dataclasses
+        return dataclasses.replace(self, image=image, build=None)
+
+    def host_env_keys(self):
+        """The keys of a host environment this project sets (a container job does not use them)."""
+        return [k for k in ENV_KEYS if getattr(self, k)] + (["shell"] if self.shell else [])
 
 
 def find(root):
@@ -153,13 +177,28 @@ def _value(key, v, where):
             return tuple(str(x) for x in v)
         _bad(where, key, "a command (a string, or a list of arguments)", v)
     if key == "gpus":
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            _bad(where, key, "a whole number, 0 or more", v)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (v != int(v) and v > 1):
+            _bad(where, key, "a whole number, 0 or more, or a share of one GPU (0.5, 0.33, 0.25)", v)
         return v
-    if key in ("host", "python", "venv", "conda", "conda_env"):
+    if key == "sweep":
+        if not isinstance(v, dict) or not v or not all(isinstance(k, str) and _VAR.match(k) for k in v):
+            _bad(where, key, "a mapping of variable names to values (lr: [1e-3, 3e-4], seed: 0..4)", v)
+        out = []
+        for k, x in v.items():
+            if isinstance(x, list) and x and all(isinstance(y, (str, int, float)) and not isinstance(y, bool)
+                                                 for y in x):
+                out.append((k, tuple(str(y) for y in x)))
+            elif isinstance(x, str) and x.strip():
+                out.append((k, x))
+            else:
+                _bad(where, "sweep: %s" % k, "a non-empty list of values or a range a..b", x)
+        return tuple(out)
+    if key in ("host", "python", "venv", "conda", "conda_env", "build"):
         if not isinstance(v, str) or not v.strip():
             _bad(where, key, "a non-empty string", v)
-        return _relpath(where, key, v) if key == "conda" else v.strip()
+        return _relpath(where, key, v) if key in ("conda", "build") else v.strip()
+    if key in ("image", "container"):
+        return _container_value(key, v, where)
     if key == "shell":
         if v not in ("login", "plain"):
             _bad(where, key, "'login' or 'plain'", v)
@@ -197,6 +236,24 @@ def _value(key, v, where):
     return tuple(_relpath(where, key, x) for x in v)
 
 
+def _container_value(key, v, where):
+    """`image:` and `container:`, checked by the agent's own rules (agent/containers.py)."""
+    from .agent import containers
+    if key == "image":
+        if not isinstance(v, str) or not v.strip():
+            _bad(where, key, "an image name such as python:3.12-slim", v)
+        raw = {"image": v.strip()}
+    else:
+        if not isinstance(v, dict) or not all(k in containers.PROJECT_KEYS for k in v):
+            _bad(where, key, "a mapping of %s" % ", ".join(containers.PROJECT_KEYS), v)
+        raw = dict({k: str(x) for k, x in v.items()}, image="x")
+    try:
+        containers.settings(raw)
+    except containers.ContainerError as e:
+        raise ConfigError("%s: '%s': %s" % (where, key, e.message), e.hint or "see the README's `rtrain.yaml` section")
+    return v.strip() if key == "image" else tuple((k, str(x)) for k, x in v.items())
+
+
 def _hosts(v, node, path, where):
     import yaml
     if not isinstance(v, dict) or not isinstance(node, yaml.MappingNode):
@@ -220,6 +277,16 @@ def _hosts(v, node, path, where):
 
 
 def _check_combination(kw, path):
+    if kw.get("image") and kw.get("build"):
+        raise ConfigError("%s: image and build cannot go together: build makes the jobs' image" % path,
+                          "keep one of them")
+    ctr = [k for k in ("image", "build") if kw.get(k)]
+    env = [k for k in ENV_KEYS + ("shell",) if kw.get(k)]
+    if ctr and env:
+        raise ConfigError("%s: %s and %s cannot go together: in a container the image is the "
+                          "environment" % (path, ctr[0], " and ".join(env)),
+                          "install the requirements in a Dockerfile (`build:`), or set %s per host "
+                          "under `hosts:`" % ctr[0])
     named = [k for k in ("venv", "conda_env") if kw.get(k)]
     built = [k for k in ("setup", "conda") if kw.get(k)]
     if len(named) > 1 or (named and built):
@@ -242,9 +309,14 @@ STARTER = """\
 # The command a bare `rtrain submit` runs.
 run: python3 train.py
 
-# GPUs per job, and the host (a name from hosts.yaml).
+# GPUs per job (0.5: two jobs share one GPU), and the host (a name from hosts.yaml).
 # gpus: 1
 # host: tower
+
+# One job per combination: {lr} and {seed} in `run` are the values (rtrain submit --sweep ... too).
+# sweep:
+#   lr: [1e-3, 3e-4]
+#   seed: 0..4
 
 # The environment, built once on each host and reused while these lines and the files they
 # read (requirements*.txt, pyproject.toml, uv.lock, environment.yml) stay the same.
@@ -254,6 +326,11 @@ setup: pip install -r requirements.txt
 # conda: environment.yml      # or a conda env built from this file
 # venv: ~/venvs/torch         # or run in an existing venv / conda env instead
 # conda_env: torch
+
+# Or run the jobs in a container (docker or podman on the host) instead of an environment:
+# image: nvcr.io/nvidia/pytorch:24.05-py3
+# build: Dockerfile           # or an image built on the host from this Dockerfile, once per content
+# container: {network: host, shm_size: 8g}
 
 # Variables for the jobs: $VAR and ${VAR} expand on the host, $$ is a literal $.
 # env:

@@ -6,7 +6,7 @@ import time
 JOB_JSON_KEYS = ("id", "host", "name", "state", "gpus", "exit_code", "signal", "submitted_at",
                  "started_at", "ended_at", "command", "priority", "retries", "attempts",
                  "git_commit", "git_dirty", "log", "work_dir", "message", "gpus_requested",
-                 "gpu_hours", "cost", "leftovers", "slurm")
+                 "gpu_hours", "cost", "leftovers", "group", "share", "project", "slurm")
 
 STATE_STYLE = {"queued": "yellow", "running": "cyan", "succeeded": "green", "failed": "red",
                "cancelled": "magenta", "lost": "red"}
@@ -59,12 +59,23 @@ def short_gpu(uuid):
     return uuid[:12] if uuid else ""
 
 
+def gpus_text(job):
+    """"2 GPUs", "1/2 of a GPU" (--gpus 0.5), or "" for a CPU job."""
+    n, k = job.get("gpus_requested") or 0, job.get("share") or 1
+    if not n:
+        return ""
+    return "1/%d of a GPU" % k if k > 1 else "%d GPU%s" % (n, "" if n == 1 else "s")
+
+
 def submitted(job):
     where = job["host"]
-    print("job %s queued on %s: %s%s" % (
-        job["id"], where, job["command"],
-        "" if not job.get("gpus_requested") else " (%d GPU%s)" % (
-            job["gpus_requested"], "" if job["gpus_requested"] == 1 else "s")))
+    g = gpus_text(job)
+    if job.get("points"):  # a sweep or an array: one group of jobs
+        print("group %s queued on %s: %d jobs (%s %s), %s%s" % (
+            job["group"], where, job["points"], job["group_kind"], job["group_label"], job["group_command"],
+            " (%s each)" % g if g else ""))
+        return
+    print("job %s queued on %s: %s%s" % (job["id"], where, job["command"], " (%s)" % g if g else ""))
 
 
 def job_table(jobs, failures=(), hidden=0):
@@ -75,6 +86,11 @@ def job_table(jobs, failures=(), hidden=0):
         t.add_column(col)
     now = time.time()
     for j in jobs:
+        if "counts" in j:  # a sweep or an array: one line, its jobs counted per state
+            t.add_row(_txt(j["id"]), _txt(_group_name(j)), _txt(j["host"]), _txt(counts_text(j["counts"])),
+                      _txt(gpus_text(j) and gpus_text(j) + " each"), when(j["submitted_at"]),
+                      when(j["started_at"]), "-", "-")
+            continue
         style = STATE_STYLE.get(j["state"], "")
         gp = ",".join(short_gpu(g) for g in j["gpus"]) if j["gpus"] else (
             str(j.get("gpus_requested") or 0) if j["state"] == "queued" and j.get("gpus_requested") else "-")
@@ -94,6 +110,56 @@ def job_table(jobs, failures=(), hidden=0):
     host_errors(failures)
 
 
+def _group_name(g):
+    return "%s (%s %s)" % (g["name"], g["kind"], g["label"]) if g.get("label") else g["name"]
+
+
+def counts_text(counts):
+    order = ("running", "queued", "succeeded", "failed", "cancelled", "lost")
+    return ", ".join("%d %s" % (counts[k], k) for k in order if counts.get(k))
+
+
+def group_detail(g, jobs):
+    """`rtrain status g7`: the group's line, then its jobs."""
+    print("group %s on %s: %s; %d job%s: %s%s" % (
+        g["id"], g["host"], _group_name(g), g["size"], "" if g["size"] == 1 else "s",
+        counts_text(g["counts"]), "; at most %d at once" % g["max_running"] if g.get("max_running") else ""))
+    job_table(jobs)
+
+
+def group_tails(g, tails):
+    """`rtrain logs g7 --tail N`: a header per job, then the end of its log."""
+    out = sys.stdout.buffer
+    for job, data in tails:
+        out.write(("==> job %s  %s  %s%s <==\n" % (
+            job["id"], job["name"], job["state"], "" if job.get("exit_code") is None else
+            " (exit %s)" % job["exit_code"])).encode("utf-8", "replace"))
+        out.write(data if not data or data.endswith(b"\n") else data + b"\n")
+    out.flush()
+
+
+def usage_table(res):
+    """`rtrain usage`: GPU-hours per host and project (or per --by), with costs."""
+    from rich.table import Table
+    con = _console()
+    t = Table(box=None, pad_edge=False, header_style="bold")
+    keys = [res["by"]] if res.get("by") else ["host", "user", "project"]
+    for col in [k.upper() for k in keys] + ["JOBS", "RUNNING", "GPU-HOURS", "COST", "COMPARE"]:
+        t.add_column(col, justify="right" if col in ("JOBS", "RUNNING", "GPU-HOURS", "COST", "COMPARE")
+                     else "left")
+    rows = res["rows"] + ([dict(res["totals"], **{keys[0]: "total"})] if len(res["rows"]) > 1 else [])
+    for r in rows:
+        t.add_row(*[_txt(r.get(k) or "-") for k in keys] + [
+            str(r["jobs"]), str(r["running"]), "%.2f" % r["gpu_hours"],
+            "-" if r["cost"] is None else "%.2f" % r["cost"],
+            "-" if r["compare_cost"] is None else "%.2f" % r["compare_cost"]])
+    if res["rows"]:
+        con.print(t)
+    else:
+        con.print("no GPU jobs since %s" % _full(res["since"]))
+    host_errors(res["failures"])
+
+
 def host_errors(failures):
     """`rtrain: error: ...` and its hint on stderr for each (host, error)."""
     for _host, err in failures:
@@ -107,7 +173,7 @@ def job_detail(job):
         ("job", "%s on %s" % (job["id"], job["host"])), ("name", job["name"]),
         ("state", job["state"] + (" - %s" % job["message"] if job.get("message") else "")),
         ("command", job["command"]),
-        ("gpus", ", ".join(job["gpus"]) or ("%d requested" % job.get("gpus_requested", 0))),
+        ("gpus", _job_gpus(job)),
         ("git", "%s%s" % (job.get("git_commit") or "-", " (dirty)" if job.get("git_dirty") else "")),
         ("submitted", _full(job["submitted_at"])), ("started", _full(job["started_at"])),
         ("ended", _full(job["ended_at"])), ("duration", duration(job)),
@@ -118,6 +184,8 @@ def job_detail(job):
                                   ", cost %.2f" % job["cost"])),
         ("log", job.get("log") or "-"), ("work dir", job.get("work_dir") or "-"),
     ]
+    if job.get("group"):
+        rows.insert(2, ("group", job["group"]))
     if job.get("slurm"):  # a job on a Slurm cluster: Slurm's id, state and node
         rows.insert(3, ("slurm", slurm_line(job["slurm"])))
     if job.get("leftovers"):  # it ended, but processes it daemonized still run (and hold its GPUs)
@@ -126,6 +194,13 @@ def job_detail(job):
     for k, v in rows:
         # values are the user's text (name, command, message) or the host's: never markup
         con.print(Text.assemble((k.ljust(w), "bold"), "  ", _txt(v)), soft_wrap=True)
+
+
+def _job_gpus(job):
+    if not job["gpus"]:
+        return "%s requested" % (gpus_text(job) or "0 GPUs")
+    share = job.get("share") or 1
+    return ", ".join(job["gpus"]) + (" (1/%d of it, shared)" % share if share > 1 else "")
 
 
 def _full(ts):
@@ -160,8 +235,9 @@ def gpu_table(results):
             mem = "-" if u.get("memory_total") is None else "%s/%s MiB" % (
                 "?" if u.get("memory_used") is None else u["memory_used"], u["memory_total"])
             util = "-" if u.get("utilization") is None else "%s%%" % u["utilization"]
-            state = {"free": "[green]free[/]", "busy": "[yellow]busy[/]"}.get(u["state"], "[red]unknown[/]")
-            held = u.get("holder") or (u.get("reason") or "")
+            state = {"free": "[green]free[/]", "busy": "[yellow]busy[/]", "hidden": "[dim]hidden[/]",
+                     "reserved": "[blue]reserved[/]"}.get(u["state"], "[red]unknown[/]")
+            held = "; ".join(x for x in (u.get("holder") or u.get("reason") or "", u.get("policy") or "") if x)
             t.add_row(_txt(host), _txt(u["index"]), _txt(u["name"]), _txt(mem), _txt(util), state,
                       _txt(held), _txt(u["uuid"]))
     if len(clusters) < len(results):

@@ -49,6 +49,12 @@ class Session:
         job["host"] = host
         job["num"] = job["id"]
         job["id"] = self.job_id(host, job["num"])
+        if job.get("group") is not None:  # a sweep's or an array's (groups.py)
+            from .groups import format_id
+            job["group"] = format_id(self.cfg, host, job["group"])
+        if job.get("cause") is not None and "{cause}" in (job.get("message") or ""):
+            # "dependency {cause} failed": the job it names, as the user writes it (agent/deps.py)
+            job["message"] = job["message"].replace("{cause}", self.job_id(host, job["cause"]))
         return job
 
     def hosts(self, host=None):

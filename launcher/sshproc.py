@@ -21,7 +21,7 @@ import time
 
 from .errors import HostError
 from .sshcommon import connection_lost, no_answer
-from .transport import AgentProcess
+from .transport import AgentProcess, close_stream
 
 MARKER = b"rtrain-session-open"
 _TICK = 0.25
@@ -223,10 +223,7 @@ class SshProcess(AgentProcess):
         return e
 
     def _close_stdin_fd(self):
-        try:
-            self.p.stdin.close()
-        except OSError:
-            pass
+        close_stream(self.p.stdin)
 
     def close_stdin(self):
         self._stdin_closed = True

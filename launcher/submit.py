@@ -26,14 +26,17 @@ SUBMIT_RETRY_DELAY_S = 1.0  # then 2 s
 
 def submit(session, argv, host=None, gpus=0, name=None, priority=0, retries=0, env=None,
            root=".", confirm_large=None, progress=None, events=None, sleep=time.sleep,
-           project=None):
+           project=None, image=None, many=None, after=(), after_any=(), yes=False):
     """Sync `root`, queue the command, return the job (decorated with host and id).
     confirm_large(manifest_info) -> bool is asked when the tree is larger than the host allows.
     progress(sent, total) reports upload bytes. events(kind, detail) reports steps, among them
     ("retry", {"attempt", "of", "error", "delay"}) when the connection dropped after the whole
     request was sent and the host is asked again (see _recover). project: the project file
-    (project.py), whose data, environment and outputs go with the job (jobspec.py)."""
-    from . import jobspec, sync
+    (project.py), whose data, environment and outputs go with the job (jobspec.py). image:
+    --image, run the job in that container image (over the project's image: and build:). many: a
+    sweep's or an array's points (sweep.plan): one job each, one snapshot sent once, one group;
+    after, after_any: the jobs (ids, "gN") on that host it waits for (groups.dependencies)."""
+    from . import jobspec, sweep, sync
     from .project import Project
     command = command_string(argv)
     events = events or (lambda *a: None)
@@ -42,8 +45,15 @@ def submit(session, argv, host=None, gpus=0, name=None, priority=0, retries=0, e
         if host is None:
             host = place(session, gpus, events)
     h = session.cfg.get(host)
+    if many:
+        sweep.check_count(many, h.max_points, yes)
     root = os.path.abspath(root)
     proj = (project or Project(root=root)).for_host(host)
+    if image:
+        proj = proj.with_image(image)
+    if (proj.image or proj.build) and proj.host_env_keys():
+        events("warning", "%s in %s is not used: the job runs in a container, whose image is its "
+               "environment" % (", ".join(proj.host_env_keys()), proj.path or "rtrain.yaml"))
     client = session.client(host)
     client.prestart("submit")  # connect and start the agent while the tree is listed and hashed
     manifest = sync.build_manifest(root, extra=jobspec.data_files(root, proj))
@@ -63,7 +73,7 @@ def submit(session, argv, host=None, gpus=0, name=None, priority=0, retries=0, e
     # answers with the hashes it lacks, we send those blobs on the same channel, and it queues
     # the job only once its snapshot is complete and we are still there to hear of it.
     req = {"manifest": {"entries": code, "git": manifest.get("git")},
-           "command": command, "gpus": int(gpus), "name": name, "priority": int(priority),
+           "command": command, "gpus": gpus, "name": name, "priority": int(priority),
            "retries": int(retries),
            "env": dict(dict(getattr(h, "env", ()) or ()), **dict(proj.env, **dict(env or {}))),
            "token": uuid.uuid4().hex, "upload": True,
@@ -73,7 +83,19 @@ def submit(session, argv, host=None, gpus=0, name=None, priority=0, retries=0, e
                "after": h.stall_after, "util_busy": h.gpu_util_busy, "action": h.on_stall}}
     if data:
         req["manifest"]["data"] = data
-    spec = jobspec.request(proj, code)
+    ctr = jobspec.container(proj, code, getattr(h, "container_engine", None))
+    if ctr is not None:
+        req["container"] = ctr
+    req["project_name"] = proj.project
+    if many:  # docs/contracts.md "Many jobs in one submit"
+        req["points"] = [{"command": command_string(p["argv"]), "env": p["env"], "suffix": p["suffix"]}
+                         for p in many["points"]]
+        req["group"] = many["group"]
+    if after:
+        req["after"] = list(after)
+    if after_any:
+        req["after_any"] = list(after_any)
+    spec = jobspec.request(proj, code, in_container=ctr is not None)
     if spec is not None:
         req["project"] = spec
 
@@ -93,6 +115,10 @@ def submit(session, argv, host=None, gpus=0, name=None, priority=0, retries=0, e
             raise
         res = _recover(session, host, req, e, events, sleep)
     job = session.decorate(host, res["job"])
+    if many:
+        job["points"] = len(many["points"])
+        job["group_kind"], job["group_label"] = many["group"]["kind"], many["group"]["label"]
+        job["group_command"] = command
     job["uploaded"] = manifest.get("_uploaded", 0)
     job["uploaded_files"] = manifest.get("_uploaded_files", 0)
     return job

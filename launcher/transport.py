@@ -7,6 +7,7 @@ the SSH transports (openssh.py, the default; paramiko_transport.py) implement th
 methods over the system `ssh` client and over paramiko (docs/contracts.md, "Transports").
 """
 import os
+import socket
 import subprocess
 import sys
 
@@ -56,6 +57,15 @@ class Transport:
     def close(self):
         pass
 
+    def forward(self, remote_port, local_port=None):
+        """Forward 127.0.0.1:local_port here to 127.0.0.1:remote_port on the host until the
+        returned object's close(); its local_port says where (forward.py)."""
+        raise NotImplementedError
+
+    def interactive(self, argv):
+        """Run argv on the host with this terminal (a pty there); returns its exit status."""
+        raise NotImplementedError
+
 
 class _Popen(AgentProcess):
     def __init__(self, proc):
@@ -67,10 +77,7 @@ class _Popen(AgentProcess):
         self._p.stdin.flush()
 
     def close_stdin(self):
-        try:
-            self._p.stdin.close()
-        except OSError:
-            pass
+        close_stream(self._p.stdin)
 
     def readline(self):
         return self._p.stdout.readline()
@@ -132,3 +139,30 @@ class LocalTransport(Transport):
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             env=full_env)
         return _Popen(p)
+
+    def forward(self, remote_port, local_port=None):
+        """The job is on this machine: its port is reachable as it is; another local port is a
+        relay to it."""
+        from .forward import Relay
+        if not local_port or local_port == remote_port:
+            return _NoForward(remote_port)
+        return Relay(lambda: socket.create_connection(("127.0.0.1", remote_port), 10), local_port)
+
+    def interactive(self, argv):
+        return subprocess.call(list(argv))
+
+
+class _NoForward:
+    def __init__(self, port):
+        self.local_port = port
+
+    def close(self):
+        pass
+
+
+def close_stream(stream):
+    """Close a pipe to a process that may be gone already."""
+    try:
+        stream.close()
+    except OSError:
+        pass

@@ -66,17 +66,7 @@ class Builds:
 
     def locked(self, kind, key):
         """True while some process (a builder left by an earlier daemon) holds key's lock."""
-        try:
-            fd = os.open(self.path(kind, key) + ".lock", os.O_RDWR | os.O_CLOEXEC)
-        except OSError:
-            return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return False
-        except OSError:
-            return True
-        finally:
-            os.close(fd)
+        return fsutil.flock_held(self.path(kind, key) + ".lock")
 
     def tail(self, kind, key, n=TAIL_LINES):
         return tail_of(self.log_path(kind, key), n)

@@ -1,10 +1,11 @@
-"""Container jobs: the engine command line that runs a job in a container (docker or podman),
-the checks to make before starting it, and the stop / is-it-running helpers for cancel and
-reconcile. docs/containers.md says what a container job gets and why.
+"""Container jobs: what a job's container settings may be, which engine runs it (docker or
+podman), and the engine command lines that run, stop and list containers. docs/containers.md
+says what a container job gets and why.
 
-The argv builders are pure functions of their arguments (golden-tested); the functions that
-run the engine or look at the host say so in their names (probe_*, engine_*). Standard library
-only, Python 3.8 (this module ships inside the agent).
+Everything here is a pure function of its arguments (the argv builders are golden-tested),
+except probe_engines, which looks at PATH and /etc/subuid. What runs the engine or reads the
+host's GPU support is containerhost.py; a job's container, from its folder to its argv, is
+jobcontainer.py. Standard library only, Python 3.8 (this module ships inside the agent).
 
 A container job, as the wrapper (runner.py) runs it:
 
@@ -12,6 +13,7 @@ A container job, as the wrapper (runner.py) runs it:
         --init [--init-path=...] --stop-timeout=GRACE --network=host --shm-size=8g
         --user UID:GID | --userns=keep-id
         --mount type=bind,source=WORK,target=WORK --workdir WORK
+        --mount ... (the job's data read-only, its outputs, its mounts, its variables' file)
         -e NAME ... (values in the engine's environment, never on its argv: other users see argv)
         [--gpus "device=UUID,UUID" | --device nvidia.com/gpu=UUID ...]
         IMAGE /bin/sh -c COMMAND
@@ -22,11 +24,9 @@ could not be run in it). The work dir is mounted at the SAME path inside, so eve
 prints, and every path in its environment, means the same on the host and in the container.
 """
 import hashlib
-import json
 import os
 import re
 import shutil
-import subprocess
 
 ENGINES = ("docker", "podman")
 CDI_DIRS = ("/etc/cdi", "/var/run/cdi")
@@ -61,15 +61,20 @@ class ContainerError(Exception):
 # shm_size: the engines give a container 64 MB of /dev/shm, too little for PyTorch's DataLoader
 # workers ("Bus error"); a tmpfs size is a limit, not a reservation. (--ipc=host would do too,
 # but rootless podman then needs /dev/mqueue on the host, which minimal hosts lack.)
-DEFAULTS = {"image": None, "engine": None, "network": "host", "ipc": None, "shm_size": "8g",
-            "pull": "missing", "mounts": [], "init": True}
+# build_network: None: none unless the Dockerfile has RUN steps or ADDs a URL (imagebuild.py).
+DEFAULTS = {"image": None, "build": None, "engine": None, "network": "host", "ipc": None,
+            "shm_size": "8g", "pull": "missing", "build_network": None, "mounts": [], "init": True}
+# What rtrain.yaml's `container:` may set (the rest comes from `image:`, `build:`, hosts.yaml).
+PROJECT_KEYS = ("network", "ipc", "shm_size", "pull", "build_network")
+_NETWORK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")
 
 
 def settings(raw):
     """The container settings of a job (a dict, as stored with the job) checked and completed:
-    image (required), engine (docker | podman | None: pick), network (host), ipc (None: the
-    engine's), shm_size (8g), pull (missing | never | always), mounts ([{"source", "target",
-    "readonly"}]), init (true)."""
+    image (an image name) or build ({"dockerfile": path in the project}), engine (docker |
+    podman | None: pick), network (host), ipc (None: the engine's), shm_size (8g), pull
+    (missing | never | always), build_network (None: see above), mounts ([{"source",
+    "target", "readonly"}]), init (true)."""
     if not isinstance(raw, dict):
         raise ContainerError("a container job's settings must be a mapping, got %r" % (raw,))
     unknown = sorted(set(raw) - set(DEFAULTS))
@@ -78,19 +83,29 @@ def settings(raw):
             ", ".join(unknown), ", ".join(sorted(DEFAULTS))))
     s = dict(DEFAULTS)
     s.update(raw)
-    if not isinstance(s["image"], str) or not s["image"] or s["image"].startswith("-") or \
+    if s["build"] is not None:
+        b = s["build"]
+        if not isinstance(b, dict) or not isinstance(b.get("dockerfile"), str) or not b["dockerfile"] or \
+                b["dockerfile"].startswith("/") or ".." in b["dockerfile"].split("/") or \
+                set(b) - {"dockerfile", "project"} or not isinstance(b.get("project", ""), str):
+            raise ContainerError("build must be {dockerfile: a path in the project}, got %r" % (b,))
+        if s["image"] is not None:
+            raise ContainerError("a container job has an image or a build, not both")
+    elif not isinstance(s["image"], str) or not s["image"] or s["image"].startswith("-") or \
             any(c.isspace() for c in s["image"]):
         raise ContainerError("bad image name %r" % (s["image"],), "give an image such as python:3.12-slim")
     if s["engine"] not in (None,) + ENGINES:
         raise ContainerError("container_engine must be docker or podman, got %r" % (s["engine"],))
     if s["pull"] not in PULL_POLICIES:
         raise ContainerError("pull must be one of %s, got %r" % (", ".join(PULL_POLICIES), s["pull"]))
-    for key in ("network", "ipc"):
+    for key in ("network", "ipc", "build_network"):
         v = s[key]
-        if v is not None and (not isinstance(v, str) or not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$", v)):
+        if v is not None and (not isinstance(v, str) or not _NETWORK.match(v)):
             raise ContainerError("container %s must be a name such as host or none, got %r" % (key, v))
     if s["shm_size"] is not None and not re.match(r"^[0-9]+[bkmgBKMG]?$", str(s["shm_size"])):
         raise ContainerError("shm_size must be a size such as 8g, got %r" % (s["shm_size"],))
+    if not isinstance(s["init"], bool):
+        raise ContainerError("init must be true or false, got %r" % (s["init"],))
     mounts = []
     for m in s["mounts"] or []:
         if isinstance(m, str):
@@ -283,180 +298,17 @@ def running_argv(engine_bin, name):
     return [engine_bin, "inspect", "--format", "{{.State.Running}}", name]
 
 
-def list_argv(engine_bin, home_root):
-    """The running containers of one RTRAIN_HOME, one name per line (the job id ends it; the
-    engines' templates for one label differ)."""
-    return [engine_bin, "ps", "--filter", "label=rtrain.home=%s" % os.path.abspath(home_root),
-            "--format", "{{.Names}}"]
+def list_argv(engine_bin, home_root, all_states=False):
+    """The containers of one RTRAIN_HOME (running ones, or all with all_states), one name per
+    line (the job id ends it; the engines' templates for one label differ)."""
+    return [engine_bin, "ps"] + (["-a"] if all_states else []) + [
+        "--filter", "label=rtrain.home=%s" % os.path.abspath(home_root), "--format", "{{.Names}}"]
 
 
-# ---------------------------------------------------------------- GPUs
-
-def docker_gpu_problem(runtimes, hook_found):
-    """None when docker can give GPUs to containers: the daemon knows the nvidia runtime, or
-    the NVIDIA Container Toolkit's hook is installed (docker's --gpus uses it). `runtimes`: the
-    runtime names `docker info` lists, or an error string when docker could not be asked."""
-    if isinstance(runtimes, str):
-        return ContainerError("cannot ask docker whether it can give GPUs to containers: %s" % runtimes,
-                              "check that docker runs and that you may use it (group docker)")
-    if "nvidia" in runtimes or hook_found:
-        return None
-    return ContainerError(
-        "docker on this host cannot give GPUs to containers: the NVIDIA Container Toolkit is not installed",
-        "%s, then `sudo nvidia-ctk runtime configure --runtime=docker` and restart docker"
-        % INSTALL_TOOLKIT)
+def wait_argv(engine_bin, name):
+    return [engine_bin, "wait", name]
 
 
-def podman_gpu_problem(gpus, names, dirs=CDI_DIRS):
-    """None when every GPU (by UUID) is a CDI device podman can resolve; `names`: the device
-    names of kind nvidia.com/gpu in the CDI specs (cdi_device_names)."""
-    missing = [g for g in gpus if g not in names]
-    if not missing:
-        return None
-    if not names:
-        what = "there is no CDI spec for NVIDIA GPUs in %s" % " or ".join(dirs)
-    else:
-        what = "the CDI spec for NVIDIA GPUs does not name %s" % ", ".join(missing)
-    return ContainerError(
-        "podman cannot give GPUs to containers: %s" % what,
-        "%s, then `sudo nvidia-ctk cdi generate --device-name-strategy=index "
-        "--device-name-strategy=uuid --output=/etc/cdi/nvidia.yaml`" % INSTALL_TOOLKIT)
-
-
-def cdi_device_names(dirs=CDI_DIRS, kind=GPU_KIND):
-    """The device names of `kind` in the CDI specs (*.json, *.yaml) under `dirs`. YAML is not in
-    the standard library; nvidia-ctk writes plain block YAML, in which `kind:` is a top-level
-    key and `name:` is a device's (no other CDI field is called name)."""
-    names = set()
-    for d in dirs:
-        try:
-            files = sorted(os.listdir(d))
-        except OSError:
-            continue
-        for f in files:
-            path = os.path.join(d, f)
-            try:
-                with open(path, encoding="utf-8") as fh:
-                    text = fh.read()
-            except (OSError, UnicodeDecodeError):
-                continue
-            if f.endswith(".json"):
-                try:
-                    spec = json.loads(text)
-                except ValueError:
-                    continue
-                if isinstance(spec, dict) and spec.get("kind") == kind:
-                    names.update(str(dev.get("name")) for dev in spec.get("devices") or ()
-                                 if isinstance(dev, dict) and dev.get("name") is not None)
-            elif f.endswith((".yaml", ".yml")):
-                m = re.search(r"""(?m)^kind:\s*["']?([^"'\s#]+)""", text)
-                if m and m.group(1) == kind:
-                    names.update(re.findall(r"""(?m)^\s*(?:-\s+)?name:\s*["']?([^"'\s#]+)""", text))
-    return names
-
-
-def probe_docker_runtimes(engine_bin, env=None, timeout=20):
-    """The runtime names dockerd knows (a list), or why they could not be read (a str)."""
-    try:
-        p = subprocess.run([engine_bin, "info", "--format", "{{json .Runtimes}}"], env=env,
-                           stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           timeout=timeout)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return str(e)
-    if p.returncode != 0:
-        err = p.stderr.decode("utf-8", "replace").strip().splitlines()
-        return err[-1] if err else "docker info exited %d" % p.returncode
-    try:
-        return sorted(json.loads(p.stdout.decode() or "{}") or {})
-    except ValueError:
-        return []
-
-
-def probe_gpu_problem(engine, engine_bin, gpus, env=None, cdi_dirs=CDI_DIRS):
-    """Before a GPU container starts: None, or the ContainerError that says what to install
-    (instead of docker's 'could not select device driver' or podman's 'unresolvable CDI
-    devices'). Runs `docker info` for docker; reads the CDI specs for podman."""
-    if not gpus:
-        return None
-    if engine == "docker":
-        path = (env or os.environ).get("PATH", os.defpath)
-        hook = shutil.which("nvidia-container-runtime-hook", path=path + ":/usr/bin:/usr/local/bin")
-        return docker_gpu_problem(probe_docker_runtimes(engine_bin, env), hook is not None)
-    return podman_gpu_problem(gpus, cdi_device_names(cdi_dirs), cdi_dirs)
-
-
-# ---------------------------------------------------------------- running the engine
-
-def engine_call(argv, env=None, timeout=30):
-    """(exit code, stdout, stderr) of one engine command; exit code None when it could not run
-    or ran past `timeout`."""
-    try:
-        p = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, timeout=timeout)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return None, "", str(e)
-    return p.returncode, p.stdout.decode("utf-8", "replace"), p.stderr.decode("utf-8", "replace")
-
-
-def engine_is_running(engine_bin, name, env=None):
-    """True (running), False (no such container, or it has ended), None (the engine did not say)."""
-    rc, out, err = engine_call(running_argv(engine_bin, name), env)
-    if rc == 0:
-        return out.strip() == "true"
-    if rc is not None and "no such" in (err + out).lower():
-        return False
-    return None
-
-
-def engine_stop(engine_bin, name, grace, env=None):
-    """Stop a container: SIGTERM, SIGKILL after `grace` s, then remove it. True when it is gone."""
-    engine_call(stop_argv(engine_bin, name, grace), env, timeout=grace + 30)
-    engine_call(rm_argv(engine_bin, name), env, timeout=30)
-    return engine_is_running(engine_bin, name, env) is False
-
-
-def engine_list(engine_bin, home_root, env=None):
-    """{job id: container name} of the running containers of one RTRAIN_HOME, or None when the
-    engine did not answer (for reconcile: a job whose container is not listed is gone)."""
-    rc, out, _ = engine_call(list_argv(engine_bin, home_root), env)
-    if rc != 0:
-        return None
-    prefix = "-%s-" % home_hash(home_root)
-    found = {}
-    for name in out.split():
-        job = name.rpartition("-")[2]
-        if name.startswith("rtrain-") and prefix in name and job.isdigit():
-            found[int(job)] = name
-    return found
-
-
-# ---------------------------------------------------------------- one job
-
-def job_command(job, job_vars, work, home_root, base_env, facts=None, uid=None, gid=None, user=None):
-    """For the wrapper: (argv, env of the engine process, engine binary, container name) of the
-    container job `job` (its "container" settings, id, command, gpus, grace). `job_vars`: the
-    variables the job gets (its own, RTRAIN_*, CUDA_*), not the daemon's whole environment;
-    `base_env`: the engine's own environment. Raises ContainerError when the job cannot start
-    (no engine, no GPU support...)."""
-    s = settings(job["container"])
-    facts = probe_engines(base_env) if facts is None else facts
-    engine = choose_engine(s["engine"], facts)
-    engine_bin = facts.get(engine) or engine
-    uid = os.getuid() if uid is None else uid
-    gid = os.getgid() if gid is None else gid
-    if user is None:
-        try:
-            import pwd
-            user = pwd.getpwuid(uid).pw_name
-        except (KeyError, ImportError):
-            user = str(uid)
-    words, values = env_split(job_vars)
-    env = dict(base_env)
-    env.update(values)
-    problem = probe_gpu_problem(engine, engine_bin, job.get("gpus") or [], base_env)
-    if problem is not None:
-        raise problem
-    argv = run_argv(engine, s, job["id"], work, job["command"], words, job.get("gpus") or [],
-                    uid, gid, user, home_root, grace=job.get("grace", 10), engine_bin=engine_bin,
-                    init_path=facts.get("init_path"))
-    return argv, env, engine_bin, container_name(user, home_root, job["id"])
+def image_argv(engine_bin, image):
+    """Whether an image is there: exit 0 and its id."""
+    return [engine_bin, "image", "inspect", "--format", "{{.Id}}", image]

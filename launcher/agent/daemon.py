@@ -18,7 +18,7 @@ import sys
 import time
 import traceback
 
-from . import db, fsutil, jobprocs, leases, logind, runner, store
+from . import db, detach, fsutil, jobcontainer, jobprocs, leases, logind, runner, store
 from .jobstate import append_log, reconcile
 from .scheduler import Scheduler
 
@@ -75,21 +75,7 @@ def daemon_pid(home):
 
 def spawn(home, argv):
     """Start a daemon detached from us (own session, stdio to its log): it outlives ssh."""
-    log = os.open(home.daemon_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    try:
-        p = subprocess.Popen(list(argv) + ["daemon"], stdin=subprocess.PIPE, stdout=log, stderr=log,
-                             start_new_session=True, close_fds=True,
-                             env=_daemon_env(home))
-        p.stdin.write(json.dumps({"home": home.root}).encode() + b"\n")
-        p.stdin.close()
-    finally:
-        os.close(log)
-
-
-def _daemon_env(home):
-    env = dict(os.environ, RTRAIN_HOME=home.root)
-    env.pop(jobprocs.TAG_VAR, None)  # started from inside a job: the daemon is not that job's
-    return env
+    detach.start(argv, "daemon", home, home.daemon_log)
 
 
 # ---------------------------------------------------------------- the daemon
@@ -199,7 +185,7 @@ class Daemon(Scheduler):
             return False
         try:
             p = subprocess.Popen(argv, stdin=subprocess.PIPE, close_fds=True,
-                                 env=dict(_daemon_env(self.home), **{logind.IN_SCOPE_VAR: "1"}))
+                                 env=dict(detach.environment(self.home), **{logind.IN_SCOPE_VAR: "1"}))
             p.stdin.write(json.dumps({"home": self.home.root}).encode() + b"\n")
             p.stdin.close()
         except OSError:
@@ -267,8 +253,10 @@ class Daemon(Scheduler):
                     " wrapper_start=NULL WHERE id=?",
                     (json.dumps(uuids), time.time(), fsutil.boot_id(), job_id))
             env = fsutil.read_json(self.home.job(job_id).env)
-            spec = {"id": job_id, "command": row["command"], "env": env if isinstance(env, dict) else {},
-                    "grace": row["grace"], "gpus": uuids, "lock_dir": lock_dir}
+            env = dict(env if isinstance(env, dict) else {}, **json.loads(row["vars"] or "{}"))  # a point's
+            spec = {"id": job_id, "command": row["command"], "env": env,
+                    "grace": row["grace"], "gpus": uuids, "lock_dir": lock_dir,
+                    "container": jobcontainer.spec(self.home, job_id)}
             home, argv = self.home, self.agent_argv
             pid = os.fork()
             if pid == 0:

@@ -153,3 +153,15 @@ def flock_within(fd, wait_s, op=None):
             if time.monotonic() > deadline:
                 return False
             time.sleep(0.05)
+
+
+def write_private(path, data):
+    """Write data (bytes or text) to path all at once (temp file + rename), mode 0600. The
+    temp file is the thread's own: two threads of a process may write one path (the client
+    writes one ssh config for several hosts at once)."""
+    import threading
+    tmp = "%s.tmp%d.%d" % (path, os.getpid(), threading.get_ident())
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data if isinstance(data, bytes) else data.encode("utf-8"))
+    os.replace(tmp, path)

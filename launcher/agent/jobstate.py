@@ -5,7 +5,7 @@ import os
 import signal
 import time
 
-from . import db, fsutil, jobprocs, notify, runner, workdirs
+from . import db, fsutil, jobcontainer, jobprocs, notify, runner, workdirs
 
 
 def finalize_exited(con, home):
@@ -98,6 +98,7 @@ def reconcile(con, home):
             _finish(con, home, row["id"], ex)
             continue
         _lose(con, home, row)
+    jobcontainer.sweep(con, home)  # containers left without their job (at most once per boot and hour)
 
 
 def _adopt_or_requeue(con, home, row):
@@ -122,6 +123,7 @@ def _adopt_or_requeue(con, home, row):
 
 
 def _lose(con, home, row):
+    jobcontainer.stop_left(home, row)  # a container job's container goes first (its leases with it)
     # The wrapper is gone. If processes of the job outlived it (this boot), end them all.
     end_leftovers(home, row["id"])
     with db.Tx(con):

@@ -15,6 +15,12 @@ users put at that name (a FIFO, a symlink, a directory, an unreadable file) is n
 opened blocking or trusted: the lease then rests on the socket alone, and `rtrain gpus` says
 what is there.
 
+A GPU may also be shared by k jobs (`--gpus 0.5`: k = 2): each holds one of its k slot
+sockets instead (shares.py), and the lease file's flock shared (an older agent's exclusive flock
+then fails). Every acquisition, whole or shared, happens under the GPU's admin socket (one more
+name, held for the microseconds of the check), so a whole-GPU lease and a slot are never both
+held, whichever users' daemons race for the GPU (docs/design.md "Sharing a GPU").
+
 Lease is the object the scheduler holds (acquire, release, fds); holders() says who holds what.
 """
 import errno
@@ -36,14 +42,17 @@ SOCKET_PREFIX = "rtrain-gpu/"    # lease sockets: \0 + SOCKET_PREFIX + dir tag +
 
 class Lease(object):
     """A lease held on one GPU: `fds` (the socket, and the lease file's flock where it could be
-    had) are what the job's processes inherit; `note` says what was odd about the lease file."""
+    had) are what the job's processes inherit; `note` says what was odd about the lease file.
+    `share` is k for one of the k slots of a shared GPU (`slot` its index), 1 for the whole."""
 
-    __slots__ = ("uuid", "fds", "note")
+    __slots__ = ("uuid", "fds", "note", "share", "slot")
 
-    def __init__(self, uuid, fds, note=""):
+    def __init__(self, uuid, fds, note="", share=1, slot=None):
         self.uuid = uuid
         self.fds = list(fds)
         self.note = note
+        self.share = share
+        self.slot = slot
 
     def release(self):
         for fd in self.fds:
@@ -134,15 +143,16 @@ def _open(path):
     return None, "keeps changing"
 
 
-def _flock(path):
+def _flock(path, shared=False):
     """(fd holding the flock on the lease file, "") or (None, _HELD) if someone else holds it,
-    or (None, what is wrong with the file) if it cannot be locked at all."""
+    or (None, what is wrong with the file) if it cannot be locked at all. shared: LOCK_SH (the
+    slots of a shared GPU), which excludes the LOCK_EX of a whole-GPU lease."""
     for _ in range(5):
         fd, why = _open(path)
         if fd is None:
             return None, why
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except OSError as e:
             os.close(fd)
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
@@ -160,9 +170,16 @@ def _flock(path):
     return None, "keeps changing"
 
 
-def try_acquire(lock_dir, uuid):
-    """A Lease on uuid, or None if it can't be had now: another process holds it (its socket,
-    or its lease file's flock), or the lock dir is not safe (lockdir.ensure_dir). Never raises,
+def admin_name(lock_dir, uuid):
+    """The GPU's admin socket: held while a lease on it is checked and taken (never longer)."""
+    return socket_name(lock_dir, uuid) + b"/admin"
+
+
+def try_acquire(lock_dir, uuid, share=1):
+    """A Lease on uuid (share k > 1: one of its k slots, shares.py), or None if it can't be had
+    now: another process holds it (its socket, its lease file's flock, a slot of it for a whole
+    lease, the whole of it or slots of another k for a slot), another rtrain is taking a lease
+    on it this very moment, or the lock dir is not safe (lockdir.ensure_dir). Never raises,
     never blocks."""
     if not lock_dir:
         return None
@@ -170,14 +187,26 @@ def try_acquire(lock_dir, uuid):
         ensure_dir(lock_dir)
     except LockDirError:
         return None
-    sfd = _bind(socket_name(lock_dir, uuid))
-    if sfd is None:
-        return None
-    ffd, why = _flock(lock_path(lock_dir, uuid))
-    if why == _HELD:
-        os.close(sfd)
-        return None
-    return Lease(uuid, [sfd] if ffd is None else [sfd, ffd], why and "its lease file is " + why)
+    admin = _bind(admin_name(lock_dir, uuid))
+    if admin is None:
+        return None  # someone is checking or taking this GPU right now: the next pass sees
+    try:
+        from . import shares
+        if share > 1:
+            return shares.take(lock_dir, uuid, share)
+        sfd = _bind(socket_name(lock_dir, uuid))
+        if sfd is None:
+            return None
+        if shares.held(lock_dir, uuid):  # jobs share it (--gpus 0.5): not for a whole-GPU job
+            os.close(sfd)
+            return None
+        ffd, why = _flock(lock_path(lock_dir, uuid))
+        if why == _HELD:
+            os.close(sfd)
+            return None
+        return Lease(uuid, [sfd] if ffd is None else [sfd, ffd], why and "its lease file is " + why)
+    finally:
+        os.close(admin)
 
 
 def is_held(lock_dir, uuid):
@@ -197,21 +226,56 @@ def socket_holder(lock_dir, uuid):
     """(uid, pid) of whoever listens on uuid's lease socket (pid: the process that took the
     lease, which may have exited since), (None, None) when it is held but cannot be asked (its
     queue is full), or None when nobody holds it."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.setblocking(False)
+    return name_holder(socket_name(lock_dir, uuid))
+
+
+def name_holder(name):
+    """socket_holder() for any abstract socket name (bytes, leading NUL)."""
+    return name_owners([name]).get(name)
+
+
+def name_owners(names):
+    """{name: (uid, pid or None)} for the names among `names` that are held: from the kernel's
+    socket table (unixdiag.py: nothing is connected to, no holder's queue fills up), else by
+    connecting (name_holders)."""
+    names = list(names)
+    if not names:
+        return {}
+    from . import unixdiag
+    got = unixdiag.owners(os.path.commonprefix(names))
+    if got is None:
+        return name_holders(names)
+    return {n: (got[n], None) for n in names if n in got}
+
+
+def name_holders(names):
+    """{name: (uid, pid) or (None, None)} for the names among `names` someone listens on, by
+    connecting (SO_PEERCRED). One socket serves every refused connect (a connect that fails
+    leaves it unconnected): probing a free name costs a few microseconds."""
+    out = {}
+    s = None
     try:
-        s.connect(socket_name(lock_dir, uuid))
-        pid, uid, _gid = struct.unpack("3i", s.getsockopt(socket.SOL_SOCKET, _SO_PEERCRED,
-                                                          struct.calcsize("3i")))
-        return uid, pid
-    except (BlockingIOError, InterruptedError):
-        return None, None
-    except OSError as e:
-        if e.errno == errno.EAGAIN:
-            return None, None
-        return None  # ECONNREFUSED, ENOENT: nobody listens
+        for name in names:
+            if s is None:
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.setblocking(False)
+            try:
+                s.connect(name)
+                pid, uid, _gid = struct.unpack("3i", s.getsockopt(
+                    socket.SOL_SOCKET, _SO_PEERCRED, struct.calcsize("3i")))
+                out[name] = (uid, pid)
+            except (BlockingIOError, InterruptedError):
+                out[name] = (None, None)
+            except OSError as e:
+                if e.errno != errno.EAGAIN:
+                    continue  # ECONNREFUSED, ENOENT: nobody listens; the socket serves again
+                out[name] = (None, None)
+            s.close()  # connected (or in a state of its own): a fresh one for the next name
+            s = None
     finally:
-        s.close()
+        if s is not None:
+            s.close()
+    return out
 
 
 def _flock_holders():
@@ -236,8 +300,9 @@ def _flock_holders():
 def holders(lock_dir, uuids):
     """{uuid: {"uid", "user", "pid", "how", "note"}} for the GPUs among uuids that are leased
     now, and for those whose lease file is odd ("note"). how: "socket" (an rtrain lease),
-    "file" (the lease file is locked: an older rtrain agent, or anyone), or None (free, with a
-    note). Never raises."""
+    "shared" (slots of a GPU shared by k jobs: "share" k, "slots" [(slot, uid, pid)]), "file"
+    (the lease file is locked: an older rtrain agent, or anyone), or None (free, with a note).
+    Never raises."""
     if not lock_dir:
         return {}
     locked = None
@@ -247,6 +312,12 @@ def holders(lock_dir, uuids):
         got = socket_holder(lock_dir, uuid)
         if got is not None:
             info.update(how="socket", uid=got[0], pid=got[1])
+        else:
+            from . import shares
+            shared = shares.holders(lock_dir, uuid)  # slots of a shared GPU: who holds each
+            if shared:
+                info.update(how="shared", uid=shared["slots"][0][1], pid=shared["slots"][0][2],
+                            share=shared["k"], slots=shared["slots"])
         path = lock_path(lock_dir, uuid)
         try:
             st = os.lstat(path)

@@ -14,12 +14,11 @@ import fcntl
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 import traceback
 
-from . import autostop, db, fsutil, gpus, jobstate, leases, notify
+from . import autostop, db, detach, fsutil, gpus, jobstate, leases, notify
 from .settings import Settings
 
 INTERVAL_S = float(os.environ.get("RTRAIN_MONITOR_INTERVAL_S", "30"))
@@ -79,17 +78,7 @@ def needed(home, con):
 # ------------------------------------------------------------------ lifecycle
 
 def running(home):
-    try:
-        fd = os.open(_path(home, "monitor.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
-    except OSError:
-        return True
-    finally:
-        os.close(fd)
+    return fsutil.flock_held(_path(home, "monitor.lock"), create=True)
 
 
 def ensure(home, con, argv):
@@ -101,15 +90,7 @@ def ensure(home, con, argv):
         _write_starter(home, argv)
         if running(home):
             return True
-        log = os.open(_path(home, "monitor.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        try:
-            p = subprocess.Popen(list(argv) + ["monitor"], stdin=subprocess.PIPE, stdout=log, stderr=log,
-                                 start_new_session=True, close_fds=True,
-                                 env=dict(os.environ, RTRAIN_HOME=home.root))
-            p.stdin.write(json.dumps({"home": home.root}).encode() + b"\n")
-            p.stdin.close()
-        finally:
-            os.close(log)
+        detach.start(argv, "monitor", home, _path(home, "monitor.log"))
         return True
     except (OSError, ValueError):
         return False

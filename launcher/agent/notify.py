@@ -11,7 +11,6 @@ is said once in notify.log, not once per event. The scheduler never waits on the
 import fcntl
 import json
 import os
-import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -142,15 +141,8 @@ def start_sender(home, argv=None):
     if argv is None:
         from .main import agent_argv
         argv = agent_argv()
-    log = os.open(os.path.join(home.root, "notify.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    try:
-        p = subprocess.Popen(list(argv) + ["notify"], stdin=subprocess.PIPE, stdout=log, stderr=log,
-                             start_new_session=True, close_fds=True,
-                             env=dict(os.environ, RTRAIN_HOME=home.root))
-        p.stdin.write(json.dumps({"home": home.root}).encode() + b"\n")
-        p.stdin.close()
-    finally:
-        os.close(log)
+    from . import detach
+    detach.start(argv, "notify", home, os.path.join(home.root, "notify.log"))
 
 
 def _lock_path(home):
@@ -158,17 +150,7 @@ def _lock_path(home):
 
 
 def _sender_running(home):
-    try:
-        fd = os.open(_lock_path(home), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
-    except OSError:
-        return True
-    finally:
-        os.close(fd)
+    return fsutil.flock_held(_lock_path(home), create=True)
 
 
 def _post(url, data, headers, timeout=TIMEOUT_S):

@@ -93,5 +93,10 @@ class JobPaths(collections.namedtuple("JobPaths", [name for name, _ in JOB_FILES
 
 
 def lock_dir(requested=None):
+    """hosts.yaml's lock_dir, else $RTRAIN_LOCK_DIR, else the tower policy's, else the default."""
+    if not requested and not os.environ.get("RTRAIN_LOCK_DIR"):
+        from . import policy
+        pol = policy.load()
+        requested = pol.lock_dir if pol.active else None
     return os.path.abspath(os.path.expanduser(
         requested or os.environ.get("RTRAIN_LOCK_DIR") or DEFAULT_LOCK_DIR))

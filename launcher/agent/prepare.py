@@ -9,7 +9,7 @@ top of its log. Standard library only, Python >= 3.8.
 import os
 import time
 
-from . import builds, datatree, db, envbuild, fsutil, jobproject, runtime
+from . import builds, datatree, db, envbuild, fsutil, jobcontainer, jobproject, runtime
 from .jobstate import append_log
 
 MAX_DEATHS = 3  # a build whose child dies this often without a word fails its jobs
@@ -32,7 +32,8 @@ class Prep:
         if self.done.get(row["id"]) == row["attempts"]:
             return workdir_ready(row)  # prepared in an earlier pass: it waits for GPUs
         rec = jobproject.read(self.home, row["id"])
-        if not rec:  # no project file: its work dir is all it needs
+        ctr = jobcontainer.read(self.home, row["id"])
+        if not rec and not ctr:  # no project file: its work dir is all it needs
             if not workdir_ready(row):
                 return False
             self._prepared(row)
@@ -40,10 +41,18 @@ class Prep:
         key = rec.get("data_key")
         if key and not self._have(row, "data", key, lambda: self._data_build(row), "its data"):
             return False
-        if not workdir_ready(row) or not self._environment(row, rec):
+        if not workdir_ready(row):
+            return False
+        # a container job: its engine, GPU support and image instead of a host environment
+        if not (self._container(row, ctr) if ctr else self._environment(row, rec)):
             return False
         self._prepared(row)
         return True
+
+    def _container(self, row, ctr):
+        """A container job's engine, GPU support and image (jobcontainer.py; Slurm's own way
+        needs none of it on the login node: slurmhandoff.py)."""
+        return jobcontainer.prepare(self, row, ctr)
 
     def _prepared(self, row):
         if len(self.done) > 10000:

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 
-from . import containers, fsutil, jobprocs, leases, runtime
+from . import containerhost, containers, fsutil, jobcontainer, jobprocs, leases, runtime
 
 SHELL = "/bin/bash" if os.path.exists("/bin/bash") else "/bin/sh"
 # The job gets a process group of its own (cancel signals the group). process_group= (3.11+)
@@ -162,6 +162,7 @@ def _wrap(home, job, lock_fds, poke, state, grace=10):
         argv, env = runtime.job_process(home, job, fixed)
         if job.get("container"):
             argv, env, state["container"] = _container_command(home, job)
+            env[jobprocs.TAG_VAR] = state["tag"]  # the engine's client is the job's (not the container)
         cgroup = _enter_cgroup(state["tag"])
         try:
             child = subprocess.Popen(
@@ -212,11 +213,9 @@ def _wrap(home, job, lock_fds, poke, state, grace=10):
         _note_leftovers(log_fd, job_id, state)
     os.close(log_fd)
     jobprocs.remove_cgroup(state["procs"].get("cgroup"))  # if empty
-    if state.get("container") and (rc < 0 or state["cancelled"]):
-        # the engine's client was killed, or the job cancelled (maybe while the container was
-        # being made): no container may outlive the job and its GPU leases
-        engine_bin, name, cenv = state["container"]
-        containers.engine_call(containers.rm_argv(engine_bin, name), cenv)
+    if state.get("container"):
+        # the GPU leases last as long as the container: it is gone before they are let go
+        jobcontainer.gone(state["container"], rc, state["cancelled"], home, job_id)
     for fd in lock_fds:
         try:
             os.close(fd)
@@ -273,11 +272,8 @@ CONTAINER_STOP_SLACK_S = 5
 
 
 def _container_command(home, job):
-    """(argv, env, (engine binary, container name, env)) of a container job."""
-    job_vars = job_env({}, job["id"], job["gpus"], job.get("env"))
-    argv, env, engine_bin, name = containers.job_command(
-        job, job_vars, home.job(job["id"]).work, home.root, dict(os.environ))
-    return argv, env, (engine_bin, name, env)
+    """(argv, env, (engine binary, container name, env)) of a container job (jobcontainer.py)."""
+    return jobcontainer.command(home, job, fixed_vars(job["id"], job["gpus"]))
 
 
 def _container_stop(container, grace):
@@ -292,7 +288,7 @@ def _container_stop(container, grace):
 
 def _container_kill(state):
     engine_bin, name, env = state["container"]
-    containers.engine_call(containers.kill_argv(engine_bin, name), env, timeout=10)
+    containerhost.engine_call(containers.kill_argv(engine_bin, name), env, timeout=10)
     _killpg(state["child"], signal.SIGKILL)
 
 

@@ -43,10 +43,15 @@ def expand(value, env):
     return "".join(s if kind == "text" else env.get(s, "") for kind, s in parts(value))
 
 
+def valid_name(name):
+    """True for a name a POSIX shell can assign."""
+    return bool(re.match(r"\A%s\Z" % _NAME, name))
+
+
 def shell_assignment(name, value):
     """`export NAME=...` in POSIX shell syntax that expands `value`'s variables when it runs:
     text single-quoted, variables as "${NAME}": nothing of the value is ever read as code."""
-    if not re.match(r"\A%s\Z" % _NAME, name):
+    if not valid_name(name):
         raise ValueError("bad variable name %r" % (name,))
     words = [shlex.quote(s) if kind == "text" else '"${%s}"' % s for kind, s in parts(value)]
     return "export %s=%s\n" % (name, "".join(words) or "''")

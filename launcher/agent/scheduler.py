@@ -20,7 +20,7 @@ import sys
 import time
 import traceback
 
-from . import db, fsutil, gpus, inventory, leases, workdirs
+from . import db, fsutil, gates, gpus, inventory, leases, placement, workdirs
 from .jobstate import append_log, ended
 from .prepare import Prep
 from .settings import Settings
@@ -54,11 +54,16 @@ class Scheduler:
         self.own_fds = []       # the daemon's descriptors, closed in every child
         self.lock_dir = None    # the lease dir of the first job waiting for GPUs, if any
         self.prep = None        # data trees and environments built before jobs (prepare.py)
+        self.gates = gates.Gates(con, home)  # dependencies, groups' limits (gates.py)
+        self.placer = placement.Placer(home.root, self.own_fds)  # policy, shares, fair share
 
     def schedule(self):
         """Start what can start. Returns True if some job waits for GPUs."""
+        self.gates.begin_pass()  # first: dependents of failed jobs are cancelled (deps.py)
         queued = [r for r in db.active(self.con) if r["state"] == "queued"]
+        self.placer.begin_pass()
         if not queued:
+            self.placer.end_pass(None)
             return False
         # this pass: nvidia-smi's view and the lease dir per settings, the first job waiting
         turn = {"units": {}, "dirs": {}, "blocked": None}
@@ -71,11 +76,15 @@ class Scheduler:
                     self._row_failed(row, e)
         finally:
             self.taken.clear()
+            self.placer.end_pass(self.lock_dir if turn.get("gpu_wait") else None)
         return turn["blocked"] is not None
 
     def _place(self, row, turn):
         """Start `row` if it can start now; else note why it waits."""
         n = row["gpus_requested"]
+        why = self.gates.hold(row)  # its dependencies, its group's limit: it waits, blocking none
+        if why is not None:
+            return
         if not self._prepared(row):
             if n and turn["blocked"] is None:
                 turn["blocked"] = row["id"]  # first in line for GPUs: the others wait behind it
@@ -84,6 +93,7 @@ class Scheduler:
             self.start(row, [], [])
             return
         if turn["blocked"] is not None:
+            self.placer.wants(row)
             self._say_why(row, "waiting behind job %d (first in line for GPUs)" % turn["blocked"])
             return
         settings = Settings.from_dict(json.loads(row["settings"] or "{}"))
@@ -96,30 +106,16 @@ class Scheduler:
         if settings not in turn["units"]:
             turn["units"][settings] = self._units(settings, lock_dir)
         view = turn["units"][settings]
-        held = []  # leases.Lease
-        try:
-            for u in view.units:
-                if len(held) == n:
-                    break
-                if u["state"] != "free" or u["uuid"] in self.taken:
-                    continue
-                lease = leases.try_acquire(lock_dir, u["uuid"])
-                if lease is not None:
-                    held.append(lease)
-        except BaseException:
-            for lease in held:
-                lease.release()
-            raise
-        if len(held) == n:
+        # the tower's policy, shared GPUs, fair share between users (placement.py)
+        held, why = self.placer.take(row, view.units, lock_dir, self.taken)
+        if held:
             uuids = [lease.uuid for lease in held]
-            self.taken.update(uuids)
+            self.taken.update(lease.uuid for lease in held if lease.share == 1)
             # start() hands the descriptors to the job's wrapper and closes ours
             self.start(row, uuids, [fd for lease in held for fd in lease.fds], lock_dir)
         else:
-            for lease in held:
-                lease.release()
-            turn["blocked"] = row["id"]
-            self._say_why(row, self._why_waiting(n, view, lock_dir))
+            turn["blocked"] = turn["gpu_wait"] = row["id"]
+            self._say_why(row, why or self._why_waiting(n, view, lock_dir))
 
     def _lock_dir(self, settings, turn):
         """(the lease dir of these settings, or None; why it can't be used, or None)."""

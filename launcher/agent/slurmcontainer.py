@@ -69,6 +69,9 @@ def argv(engine, image, inner, work, mounts, gpus):
 def command(container, settings, work, home_root, project_mounts, gpus, job_command):
     """The argv of a container job from its "container" and the host's Slurm settings."""
     engine = engine_of(container, settings)
+    if container.get("build"):
+        raise AgentError("bad_request", "build: (an image built from a Dockerfile) is for towers",
+                         "on a Slurm host give image: (%s pulls it)" % engine)
     try:
         s = containers.settings(dict(container, engine=None))
     except containers.ContainerError as e:

@@ -13,7 +13,7 @@ import os
 import signal
 import time
 
-from . import db, fsutil, jobproject, runtime, slurmcontainer, slurmjobs, store, workdirs
+from . import db, fsutil, jobcontainer, jobproject, runtime, slurmcontainer, slurmjobs, store, workdirs
 from .jobstate import append_log, ended
 from .prepare import Prep
 from .protocol import AgentError
@@ -77,7 +77,7 @@ def job_spec(ctx, row):
     rt = runtime.read(home, job_id)
     job_vars = fsutil.read_json(home.job(job_id).env)
     assignments = runtime.variables(rt, job_vars if isinstance(job_vars, dict) else {}, [])
-    container = ctx.req.get("container")
+    container = jobcontainer.read(home, job_id)  # container.json, as submit checked it
     if container:
         project = jobproject.read(home, job_id) or {}
         argv = slurmcontainer.command(container, ctx.req.get("slurm") or {}, home.job(job_id).work,
@@ -86,6 +86,14 @@ def job_spec(ctx, row):
     else:
         argv = runtime.argv(rt, row["command"], os.path.join(home.job(job_id).dir, "env.sh"))
     return {"id": job_id, "argv": argv, "vars": [list(a) for a in assignments]}
+
+
+class _Prep(Prep):
+    """The daemon's preparation (data, work dir, environment); a container job's engine and
+    image are the cluster's (pyxis, apptainer pull the image themselves): nothing here."""
+
+    def _container(self, row, ctr):
+        return True
 
 
 class _Heartbeat:
@@ -112,7 +120,7 @@ def _prepared(ctx, job_id, say):
     cancelled meanwhile)."""
     home, con = ctx.home, ctx.con
     st = store.Store(home.store)
-    prep = Prep(home, con, st, [], None)
+    prep = _Prep(home, con, st, [], None)
 
     def workdir_ready(row):
         if workdirs.ready(home, row["id"]):

@@ -67,14 +67,6 @@ def ensure_wrapper(home):
     return ensure_script(home, slurm.WRAPPER_NAME, slurm.WRAPPER)
 
 
-def _write_private(path, data):
-    tmp = "%s.tmp%d" % (path, os.getpid())
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def env_script(assignments):
     """env.sh: one `export NAME=...` line per (name, raw value), in order, each expanding $VAR
     and ${VAR} when the job's shell reads it on the compute node ($$ is a literal $): the
@@ -114,8 +106,8 @@ def prepare(home, job):
     argv = job.get("argv") or [runtime.SHELL, "-c", job["command"]]
     if not argv or any("\0" in str(a) for a in argv):
         raise AgentError("bad_request", "a job's argv must be strings without NUL bytes")
-    _write_private(os.path.join(d, "argv0"), b"".join(str(a).encode("utf-8") + b"\0" for a in argv))
-    _write_private(os.path.join(d, "env.sh"), env_script(job_assignments(job)))
+    fsutil.write_private(os.path.join(d, "argv0"), b"".join(str(a).encode("utf-8") + b"\0" for a in argv))
+    fsutil.write_private(os.path.join(d, "env.sh"), env_script(job_assignments(job)))
     fd = os.open(home.job(job["id"]).log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     os.close(fd)
 
@@ -274,7 +266,7 @@ def cancel(home, job_ids, env=None):
     it), then one scancel for all. Returns {rtrain id: None, or Slurm's reason it could not}."""
     sids = {}
     for j in job_ids:
-        _write_private(home.job(j).cancel, b"")
+        fsutil.write_private(home.job(j).cancel, b"")
         sid = slurm_id(home, j)
         if sid:
             sids[j] = sid

@@ -20,6 +20,7 @@ import os
 import re
 import time
 
+from . import db
 from .manifest import check_hash
 from .packs import _O_CLOEXEC, PackWriter, StoreError, create_tmp, flush, take, write_all
 
@@ -58,7 +59,7 @@ class Store(object):
             import sqlite3
             try:
                 con = sqlite3.connect(path, timeout=60, isolation_level=None, check_same_thread=False)
-                con.execute("PRAGMA journal_mode=WAL")
+                db.wal_mode(con)
                 con.execute("PRAGMA synchronous=NORMAL")
                 con.execute("CREATE TABLE IF NOT EXISTS packed (hash TEXT PRIMARY KEY, pack TEXT NOT NULL,"
                             " off INTEGER NOT NULL, size INTEGER NOT NULL)")

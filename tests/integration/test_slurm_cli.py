@@ -241,12 +241,10 @@ def test_retries_ask_slurm_to_requeue(cli, cluster):
     assert cli.run("logs", job).stdout.endswith("run 1\n")
 
 
-def test_a_container_job_runs_through_the_clusters_apptainer(cli, login):
-    req = {"manifest": {"entries": []}, "command": "echo in $PWD; echo $GREETING", "gpus": 1,
-           "env": {"GREETING": "hello"}, "container": {"image": "docker://python:3.12-slim"},
-           "slurm": {"container_engine": "apptainer"}}
-    (res,) = login.ok(cli.home, ("agent", {"verb": "submit", "req": req}))
-    job = str(res["job"]["id"])
+def test_a_container_job_runs_through_the_clusters_apptainer(sshd, login, cluster, tmp_path):
+    cli = Cli(sshd, login, tmp_path / "ctr", container_engine="apptainer")
+    job = cli.submit("--image", "docker://python:3.12-slim", "--gpus", "1", "--env", "GREETING=hello",
+                     "--", "echo in $PWD; echo $GREETING")
     j = cli.wait(job)
     work = j["work_dir"]
     assert j["state"] == "succeeded", (j, cli.run("logs", job).stdout)
@@ -256,6 +254,7 @@ def test_a_container_job_runs_through_the_clusters_apptainer(cli, login):
     home = work[:-len("/jobs/%s/work" % job)]
     assert argv == ["exec", "--nv", "--bind", "%s:%s" % (home, home), "--pwd", work,
                     "docker://python:3.12-slim", "/bin/sh", "-c", "echo in $PWD; echo $GREETING"]
+    cluster.cancel_all()
 
 
 def test_the_project_file_environment_is_built_on_the_login_node(cli, sshd):

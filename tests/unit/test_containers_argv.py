@@ -5,6 +5,7 @@ import os
 
 import pytest
 
+from launcher.agent import containerhost as H
 from launcher.agent import containers as C
 
 HOME = "/home/ann/.rtrain"
@@ -126,13 +127,13 @@ def test_probe_engines_reads_path_and_subids(tmp_path):
 
 
 def test_docker_without_the_toolkit_names_what_to_install():
-    assert C.docker_gpu_problem(["io.containerd.runc.v2", "nvidia", "runc"], False) is None
-    assert C.docker_gpu_problem(["runc"], True) is None
-    e = C.docker_gpu_problem(["io.containerd.runc.v2", "runc"], False)
+    assert H.docker_gpu_problem(["io.containerd.runc.v2", "nvidia", "runc"], False) is None
+    assert H.docker_gpu_problem(["runc"], True) is None
+    e = H.docker_gpu_problem(["io.containerd.runc.v2", "runc"], False)
     assert "NVIDIA Container Toolkit is not installed" in e.message
     assert "nvidia-container-toolkit" in e.hint and "nvidia-ctk runtime configure" in e.hint
     assert "could not select" not in e.lines()
-    e = C.docker_gpu_problem("Cannot connect to the Docker daemon", False)
+    e = H.docker_gpu_problem("Cannot connect to the Docker daemon", False)
     assert "cannot ask docker" in e.message
 
 
@@ -152,16 +153,18 @@ def test_cdi_device_names_from_yaml_and_json(tmp_path):
     (tmp_path / "fake.json").write_text(json.dumps({"cdiVersion": "0.5.0", "kind": "nvidia.com/gpu",
                                                     "devices": [{"name": "GPU-x", "containerEdits": {}}]}))
     (tmp_path / "broken.json").write_text("{")
-    names = C.cdi_device_names([str(tmp_path), str(tmp_path / "missing")])
+    names = H.cdi_device_names([str(tmp_path), str(tmp_path / "missing")])
     assert names == {"0", UUIDS[0], "all", "GPU-x"}
-    assert C.podman_gpu_problem([UUIDS[0]], names) is None
-    e = C.podman_gpu_problem(UUIDS, names)
+    assert H.podman_gpu_problem([UUIDS[0]], names) is None
+    e = H.podman_gpu_problem(UUIDS, names)
     assert "does not name %s" % UUIDS[1] in e.message and "nvidia-ctk cdi generate" in e.hint
-    e = C.podman_gpu_problem(UUIDS, set(), ("/etc/cdi", "/var/run/cdi"))
+    e = H.podman_gpu_problem(UUIDS, set(), ("/etc/cdi", "/var/run/cdi"))
     assert "no CDI spec" in e.message and "/etc/cdi" in e.message
 
 
-def test_agent_module_is_stdlib_only():
-    src = open(C.__file__).read()
-    for banned in ("import yaml", "import docker", "from launcher"):
-        assert banned not in src
+def test_agent_modules_are_stdlib_only():
+    from launcher.agent import imagebuild, jobcontainer
+    for mod in (C, H, imagebuild, jobcontainer):
+        src = open(mod.__file__).read()
+        for banned in ("import yaml", "import docker", "from launcher"):
+            assert banned not in src

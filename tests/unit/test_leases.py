@@ -123,7 +123,8 @@ def test_another_users_unreadable_lock_file_as_that_user(tmp_path):
         mine = leases.try_acquire(lock_dir, "GPU-b")  # a lease of root's: nobody can't have it
         assert _try_acquire_elsewhere(lock_dir, "GPU-b", user=NOBODY) == "none"
         h = leases.holders(lock_dir, ["GPU-b"])["GPU-b"]
-        assert (h["how"], h["uid"], h["user"], h["pid"]) == ("socket", 0, "root", os.getpid())
+        # the kernel's socket table gives the owner without connecting (agent/unixdiag.py), and no pid
+        assert (h["how"], h["uid"], h["user"]) == ("socket", 0, "root") and h["pid"] in (None, os.getpid())
         mine.release()
     finally:
         for name in os.listdir(lock_dir):

@@ -2,7 +2,7 @@
 function, which takes a Context (context.py) and returns the reply's result."""
 import sys
 
-from . import files, gpus, hello, logs, prune, status, submit, watch
+from . import files, gpus, hello, logs, prune, shell, status, submit, usage, watch
 
 
 def daemon(ctx):
@@ -23,7 +23,7 @@ VERBS = {
     "hello": hello.hello, "gpus": gpus.gpus_verb, "submit": submit.submit, "status": status.status,
     "cancel": status.cancel, "logs": logs.logs, "outputs": files.outputs, "read": files.read,
     "daemon": daemon, "prune": prune.prune, "notify": notify_sender, "autostop": watch.autostop_verb,
-    "monitor": watch.monitor_verb,
+    "monitor": watch.monitor_verb, "shell": shell.shell, "usage": usage.usage,
 }
 
 

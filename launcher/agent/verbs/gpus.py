@@ -2,7 +2,7 @@
 import json
 import os
 
-from .. import gpus, jobprocs, leases
+from .. import gpus, jobprocs, leases, policy
 from ..protocol import AgentError
 
 
@@ -18,10 +18,13 @@ def gpus_verb(ctx):
         found = e.kind != "not_found"
         error = {"kind": e.kind, "message": e.message} if found else None
     mine = {}
+    shared = {}  # uuid -> our jobs on it that share it (--gpus 0.5)
     try:
-        for row in ctx.con.execute("SELECT id, gpus FROM jobs WHERE state='running'").fetchall():
+        for row in ctx.con.execute("SELECT id, gpus, share FROM jobs WHERE state='running'").fetchall():
             for u in json.loads(row["gpus"]):
                 mine[u] = row["id"]
+                if (row["share"] or 1) > 1:
+                    shared.setdefault(u, []).append(row["id"])
     except AgentError:
         pass  # a damaged job database: `hello` says so; the GPUs can still be shown
     held = leases.holders(lock_dir, [u["uuid"] for u in units])
@@ -31,7 +34,9 @@ def gpus_verb(ctx):
         u["job"] = mine.get(u["uuid"])
         u["holder"] = None
         h = held.get(u["uuid"]) or {}
-        if u["job"] is not None:
+        if h.get("how") == "shared":
+            u["holder"] = _shared_holder(h, shared.get(u["uuid"], ()))
+        elif u["job"] is not None:
             u["holder"] = "job %d" % u["job"]
         elif u["uuid"] in left:
             u["holder"] = left[u["uuid"]]
@@ -49,6 +54,7 @@ def gpus_verb(ctx):
         if h.get("note") and not u["holder"]:
             # junk at the lease file's name blocks older agents only: the lease is its socket
             u["reason"] = "%s; ignored (remove it for older rtrain agents)" % h["note"]
+    policy.annotate(units)  # hidden and reserved GPUs, as the tower's admin set them
     problem = None
     if units:
         try:
@@ -57,6 +63,16 @@ def gpus_verb(ctx):
             problem = str(e)
     return {"gpus": units, "error": error, "nvidia_smi_found": found, "lock_dir": lock_dir,
             "lock_dir_problem": problem}
+
+
+def _shared_holder(h, ours):
+    """Who holds the slots of a GPU shared by k jobs: "shared 2/2: jobs 4, 5 (0.5 each)"."""
+    who = sorted({leases.user_name(uid) if uid is not None else "?" for _, uid, _ in h["slots"]})
+    mine = ", ".join(str(j) for j in sorted(ours))
+    return "shared %d/%d: %s%s (1/%d each)" % (
+        len(h["slots"]), h["share"], ("job%s %s" % ("s" if len(ours) > 1 else "", mine)) if ours else "",
+        (" and " if ours else "") + "rtrain jobs of " + ", ".join(who) if len(ours) < len(h["slots"]) else "",
+        h["share"])
 
 
 def _leftovers(ctx, lock_dir, uuids):

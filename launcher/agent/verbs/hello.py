@@ -5,7 +5,7 @@ import shutil
 import sqlite3
 import sys
 
-from .. import daemon, gpus, logind
+from .. import daemon, gpus, logind, policy
 from ..protocol import PROTOCOL, VERSION, AgentError
 
 
@@ -45,7 +45,19 @@ def hello(ctx):
         "nvidia_smi": shutil.which(gpus.base_argv(ctx.settings.nvidia_smi)[0]),
         "daemon_running": writable and daemon.running(ctx.home),
         "autostop": _autostop(ctx) if writable and database is None else None,
+        "containers": _containers(ctx) if ctx.req.get("containers") is not None else None,
+        "policy": policy.load().summary(),  # the tower's (`rtrain hosts` warns when it is ignored)
     }
+
+
+def _containers(ctx):
+    """The engines and their GPU support (`rtrain hosts`; asked for: it runs the engines)."""
+    from .. import containerhost
+    try:
+        uuids = [u["uuid"] for u in gpus.read(ctx.settings)]
+    except gpus.NvidiaSmiError:
+        uuids = []
+    return containerhost.summary((ctx.req.get("containers") or {}).get("engine"), uuids)
 
 
 def _autostop(ctx):

@@ -3,7 +3,7 @@ import base64
 import os
 import time
 
-from .. import logwatch
+from .. import db, groups, logwatch
 from .context import TERMINAL
 
 
@@ -14,6 +14,8 @@ def logs(ctx):
     The final reply says where the log ended and how the job ended. Following wakes on inotify
     (logwatch) where it can, so a line reaches the client as soon as the job writes it."""
     req = ctx.req
+    if req.get("group") is not None:
+        return _group_tails(ctx, req["group"], int(req.get("tail_lines") or 10))
     row = ctx.job_row(req.get("id"))
     job_id = row["id"]
     path = ctx.home.job(job_id).log
@@ -76,6 +78,25 @@ def logs(ctx):
             watch.close()
         if f is not None:
             f.close()
+
+
+def _group_tails(ctx, gid, lines):
+    """The last `lines` lines of every job's log in a group, in one reply (`logs g7 --tail N`):
+    {"group": its summary, "jobs": [job, with "tail": base64]}."""
+    g = groups.row(ctx.con, gid)
+    ctx.backend.refresh()
+    out = []
+    for r in groups.member_rows(ctx.con, g["id"]):
+        job = db.to_public(r)
+        f = _open_log(ctx.home.job(r["id"]).log)
+        data = b""
+        if f is not None:
+            with f:
+                f.seek(_tail_offset(f, lines))
+                data = f.read(1 << 20)
+        job["tail"] = base64.b64encode(data).decode("ascii")
+        out.append(job)
+    return {"group": groups.summaries(ctx.con, ids=[g["id"]])[0], "jobs": out}
 
 
 def _open_log(path):

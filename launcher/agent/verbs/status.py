@@ -1,22 +1,32 @@
 """`status` (list or look up jobs) and `cancel`."""
 import time
 
-from .. import db, jobprocs, jobstate, monitor, runner
+from .. import db, groups, jobprocs, jobstate, monitor, runner
 from .context import TERMINAL
 
 
 def status(ctx):
     """Jobs newest first. Filters: ids, states, since (finished before it are hidden, counted),
-    limit (at most this many finished jobs; active ones always come)."""
+    limit (at most this many finished jobs; active ones always come). "group": N lists that
+    group's jobs; "fold_groups": jobs of groups are left out and each group is one summary in
+    "groups" (groups.py)."""
     req = ctx.req
     con = ctx.con
     ctx.backend.refresh()
     ids = req.get("ids")
     hidden = 0
-    if ids:
+    folded = None
+    if req.get("group") is not None:
+        g = groups.row(con, req["group"])
+        jobs = [db.to_public(r) for r in groups.member_rows(con, g["id"])][::-1]
+        folded = groups.summaries(con, ids=[g["id"]])
+    elif ids:
         jobs = [_with_leftovers(ctx, ctx.public(ctx.job_row(i))) for i in ids]
     else:
         where, args = [], []
+        if req.get("fold_groups"):
+            where.append("grp IS NULL")
+            folded = groups.summaries(con, req.get("since"), req.get("states"))
         if req.get("states"):
             where.append("state IN (%s)" % ",".join("?" * len(req["states"])))
             args += list(req["states"])
@@ -35,12 +45,18 @@ def status(ctx):
         total = con.execute("SELECT COUNT(*) FROM jobs WHERE %s" % base, args).fetchone()[0]
         hidden = total - len(rows)
         jobs = [db.to_public(r) for r in rows]
-    ctx.backend.revive(jobs)  # a daemon that died (or the host rebooted) is started again
+    # a daemon that died (or the host rebooted) is started again (folded groups count too)
+    ctx.backend.revive(jobs + [{"state": s} for g in folded or () for s in g["counts"]])
     monitor.ensure(ctx.home, con, ctx.agent_argv)  # likewise the monitor, if anything needs it
-    return {"jobs": jobs, "hidden": hidden, "now": time.time()}
+    out = {"jobs": jobs, "hidden": hidden, "now": time.time()}
+    if folded is not None:
+        out["groups"] = folded
+    return out
 
 
 def cancel(ctx):
+    if ctx.req.get("group") is not None:
+        return groups.cancel(ctx, ctx.req["group"])  # every queued and running job of it
     row = ctx.job_row(ctx.req.get("id"))
     job_id = row["id"]
     con = ctx.con

@@ -12,7 +12,7 @@ import re
 import shutil
 import uuid as uuidlib
 
-from .. import autostop, db, fsutil, gclock, gpus, inventory, jobproject, notify, paths, store
+from .. import autostop, batch, db, fsutil, gclock, gpus, inventory, jobcontainer, jobproject, notify, paths, store
 from ..manifest import ManifestError, check_entries
 from ..protocol import AgentError
 from ..settings import env_problem
@@ -31,6 +31,7 @@ def submit(ctx):
     if known is not None:
         return known
     spec = _check_request(ctx)
+    plan = batch.plan(ctx, spec)  # a sweep's or an array's points, dependencies (batch.py)
     gclock.hold_shared(ctx.home)  # prune deletes no blob this submit counts on (gclock.py)
     home = ctx.home
     claim = _claim(home, token)  # until this process is done: a lookup says "still working"
@@ -39,13 +40,19 @@ def submit(ctx):
         # data (shared read-only per content, not copied per job) and the project file's part
         data = (req.get("manifest") or {}).get("data") or []
         project = jobproject.check(req.get("project"), data)
-        _check_room(home, size, len(entries))
+        container = jobcontainer.check(req.get("container"))  # runs in a container (jobcontainer.py)
+        _check_room(home, size * plan.count, len(entries) * plan.count)
         _sweep_tmp(home)
         tmp = _job_folder(home, entries, req.get("env") or {}, data, project, spec.pop("notify"),
                           spec.pop("stall"))
+        try:
+            jobcontainer.write(tmp, container)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         spec["files"] = len(entries)
         spec["bytes"] = sum(int(e.get("size") or 0) for e in entries)
-        job_id = _commit(ctx, spec, token, tmp)
+        job_id = _commit(ctx, spec, token, tmp, plan)
     finally:
         _unclaim(claim)
     try:
@@ -126,12 +133,11 @@ def _check_request(ctx):
     command = req.get("command")
     if not isinstance(command, str) or not command.strip():
         raise AgentError("bad_request", "no command to run", "put it after `--`: rtrain submit -- python3 train.py")
-    n = int(req.get("gpus", 0))
-    if n < 0:
-        raise AgentError("bad_request", "--gpus must be 0 or more")
+    n, share = batch.gpus(req.get("gpus", 0))
     settings = ctx.settings
     if n > 0 and ctx.backend.local_gpus:  # (on Slurm, sbatch says whether it can give them)
         _check_gpu_count(ctx.home, settings, n)
+        batch.check_policy(settings, n, share)  # the tower's cap, hidden and reserved GPUs
     env = req.get("env") or {}
     if not isinstance(env, dict) or env_problem(env):
         raise AgentError("bad_request", "env: %s" % (env_problem(env) if isinstance(env, dict)
@@ -148,6 +154,8 @@ def _check_request(ctx):
         "grace": float(req.get("grace", 10)),
         "git_commit": git.get("commit"), "git_dirty": git.get("dirty") if git else None,
         "settings": settings.to_dict(), "notify": notify_cfg, "stall": _check_stall(req.get("stall")),
+        "share": share, "project": req.get("project_name") or (
+            req["project"].get("name") if isinstance(req.get("project"), dict) else None),
     }
 
 
@@ -223,26 +231,30 @@ def _job_folder(home, entries, env, data=(), project=None, notify_cfg=None, stal
     return tmp
 
 
-def _commit(ctx, spec, token, tmp):
+def _commit(ctx, spec, token, tmp, plan):
     con = ctx.con
+    tmps = [tmp]
     try:
+        tmps = batch.folders(tmp, plan)  # one per job of a group
         with db.Tx(con):
             # asked once the database is ours: a client that gave up while the lock was held
             # (longer than its io_timeout) is not there to hear of the job
             if ctx.req.get("upload") and _client_gone(ctx.stdin):
                 raise AgentError("client_gone", "the client went away before the job was queued",
                                  "submit again")
-            job_id = db.insert_job(con, spec)
+            ids = batch.insert(con, spec, plan)
             if token:
-                con.execute("INSERT INTO tokens VALUES (?, ?)", (token, job_id))
-            dest = ctx.home.job(job_id).dir
-            if os.path.exists(dest):  # left by a submit cut between rename and commit
-                shutil.rmtree(dest)
-            os.rename(tmp, dest)
+                con.execute("INSERT INTO tokens VALUES (?, ?)", (token, ids[0]))
+            for job_id, folder in zip(ids, tmps):
+                dest = ctx.home.job(job_id).dir
+                if os.path.exists(dest):  # left by a submit cut between rename and commit
+                    shutil.rmtree(dest)
+                os.rename(folder, dest)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for folder in tmps:
+            shutil.rmtree(folder, ignore_errors=True)
         raise
-    return job_id
+    return ids[0]
 
 
 def _check_room(home, size, files):

@@ -1,6 +1,7 @@
 """Session fixtures for the container tests: a private dockerd, the locally made Debian 12 base
 image (tests/containers.py), rootless podman as a test user, and the try-it tower image of
 docker/ built from that base. Each one that cannot start skips locally and fails in CI."""
+import json
 import os
 import shutil
 import socket
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import containers as ct
-from support import REPO, need
+from support import REPO, USER_TAG, need
 
 TOWER_IMAGE = "rtrain-test/tower:latest"
 
@@ -63,6 +64,30 @@ def podman(base_rootfs):
         raise
     yield pm
     pm.stop()
+
+
+@pytest.fixture
+def cdi_gpus(podman):
+    """Two fake GPUs for podman through a test CDI spec: each maps a device node (a copy of
+    /dev/null under a test-only name) and says its UUID in the environment. Podman 4.3 reads
+    specs only from /etc/cdi and /var/run/cdi (no cdi_spec_dirs), so the spec goes to the
+    latter under a name of this run, and is removed after."""
+    tag = "%s%d" % (USER_TAG, os.getpid())
+    uuids = ["GPU-fa4e%04x-0000-4000-8000-%012d" % (os.getpid() & 0xffff, i) for i in range(2)]
+    nodes = ["/dev/rtrain-test-gpu-%s-%d" % (tag, i) for i in range(2)]
+    for n in nodes:
+        subprocess.run(["mknod", "-m", "0666", n, "c", "1", "3"], check=True)
+    spec = {"cdiVersion": "0.5.0", "kind": "nvidia.com/gpu",
+            "devices": [{"name": u, "containerEdits": {"deviceNodes": [{"path": n}],
+                                                      "env": ["RTRAIN_TEST_GPU_%d=%s" % (i, u)]}}
+                        for i, (u, n) in enumerate(zip(uuids, nodes))]}
+    os.makedirs("/var/run/cdi", exist_ok=True)
+    path = Path("/var/run/cdi/rtrain-test-%s.json" % tag)
+    path.write_text(json.dumps(spec))
+    yield uuids, nodes
+    path.unlink()
+    for n in nodes:
+        os.unlink(n)
 
 
 @pytest.fixture(scope="session")

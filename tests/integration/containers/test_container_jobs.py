@@ -2,6 +2,7 @@
 names an image through `docker run` (a private dockerd) or rootless `podman run` (a test user),
 as the daemon would: exit code, log, the user's uid on files it writes, GPUs (a test CDI spec for
 podman, the clear error for docker), and a cancel that stops the container in time."""
+import fcntl
 import grp
 import json
 import os
@@ -16,9 +17,10 @@ from pathlib import Path
 import pytest
 
 import containers as ct
+from launcher.agent import containerhost as H
 from launcher.agent import containers as C
 from launcher.agent import paths, runner
-from support import USER_TAG, need
+from support import need
 
 
 PATH = "/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin"
@@ -97,8 +99,9 @@ class Job:
         if owner is not None:
             os.chown(self.root, owner.pw_uid, owner.pw_gid)
 
-    def start(self, command, gpus=(), grace=2, env=None, **container):
-        """Fork the wrapper as the daemon does (as the engine's user); returns its pid."""
+    def start(self, command, gpus=(), grace=2, env=None, lease=None, **container):
+        """Fork the wrapper as the daemon does (as the engine's user); returns its pid. lease: a
+        file the wrapper holds an flock on, as it holds a GPU lease (passed to the job)."""
         spec = {"id": self.id, "command": command, "env": env or {}, "grace": grace, "gpus": list(gpus),
                 "lock_dir": None, "container": dict({"image": self.engine.image, "engine": self.engine.name,
                                                      "pull": "never"}, **container)}
@@ -117,9 +120,13 @@ class Job:
                 os.chdir("/")
                 self.home.ensure()
                 os.makedirs(self.home.job(self.id).work)
+                fds = []
+                if lease is not None:
+                    fds.append(os.open(lease, os.O_RDWR))
+                    fcntl.flock(fds[0], fcntl.LOCK_EX)
                 os.write(w, b"x")
                 os.close(w)
-                runner.run_wrapper(self.home, spec, [], lambda: None)
+                runner.run_wrapper(self.home, spec, fds, lambda: None)
             finally:
                 os._exit(99)
         os.close(w)
@@ -192,7 +199,7 @@ def test_cpu_job_exit_code_log_and_env(engine, job_factory):
     assert "out\n" in log and "err\n" in log and "py ok\n" in log
     assert "cwd=%s id=%d job=7 cvd=[] tok=s3cret=x\n" % (job.work(), uid) in log, log
     # the container is gone once the job has ended
-    assert engine.call(C.engine_is_running, job.name()) is False
+    assert engine.call(H.engine_is_running, job.name()) is False
 
 
 def test_files_the_job_writes_are_the_users(engine, job_factory):
@@ -249,30 +256,6 @@ def test_docker_gpu_job_without_the_toolkit_fails_at_once_saying_what_to_install
     assert raw.returncode == 125 and "could not select device driver" in raw.stderr, raw.stderr
 
 
-@pytest.fixture
-def cdi_gpus(podman):
-    """Two fake GPUs for podman through a test CDI spec: each maps a device node (a copy of
-    /dev/null under a test-only name) and says its UUID in the environment. Podman 4.3 reads
-    specs only from /etc/cdi and /var/run/cdi (no cdi_spec_dirs), so the spec goes to the
-    latter under a name of this run, and is removed after."""
-    tag = "%s%d" % (USER_TAG, os.getpid())
-    uuids = ["GPU-fa4e%04x-0000-4000-8000-%012d" % (os.getpid() & 0xffff, i) for i in range(2)]
-    nodes = ["/dev/rtrain-test-gpu-%s-%d" % (tag, i) for i in range(2)]
-    for n in nodes:
-        subprocess.run(["mknod", "-m", "0666", n, "c", "1", "3"], check=True)
-    spec = {"cdiVersion": "0.5.0", "kind": "nvidia.com/gpu",
-            "devices": [{"name": u, "containerEdits": {"deviceNodes": [{"path": n}],
-                                                      "env": ["RTRAIN_TEST_GPU_%d=%s" % (i, u)]}}
-                        for i, (u, n) in enumerate(zip(uuids, nodes))]}
-    os.makedirs("/var/run/cdi", exist_ok=True)
-    path = Path("/var/run/cdi/rtrain-test-%s.json" % tag)
-    path.write_text(json.dumps(spec))
-    yield uuids, nodes
-    path.unlink()
-    for n in nodes:
-        os.unlink(n)
-
-
 def test_podman_gpu_job_runs_with_its_cdi_devices(podman_engine, job_factory, cdi_gpus):
     uuids, nodes = cdi_gpus
     job = job_factory(podman_engine)
@@ -311,9 +294,9 @@ def test_cancel_stops_the_container_within_grace(engine, job_factory, command, w
     while "started" not in job.log() and time.time() < deadline:
         time.sleep(0.02)
     assert "started" in job.log(), job.log()
-    found = engine.call(C.engine_list, job.home.root)
+    found = engine.call(H.engine_list, job.home.root)
     assert found == {job.id: job.name()}
-    assert engine.call(C.engine_is_running, job.name()) is True
+    assert engine.call(H.engine_is_running, job.name()) is True
     t0 = time.time()
     os.kill(job.pid, signal.SIGTERM)  # what `rtrain cancel` does to a running job's wrapper
     ex = job.wait()
@@ -322,8 +305,8 @@ def test_cancel_stops_the_container_within_grace(engine, job_factory, command, w
     assert took < (within or grace + 1), (took, job.log())
     if within is None:
         assert took >= grace - 0.5 and "got TERM" in job.log()  # it had its grace period
-    assert engine.call(C.engine_is_running, job.name()) is False
-    assert engine.call(C.engine_list, job.home.root) == {}
+    assert engine.call(H.engine_is_running, job.name()) is False
+    assert engine.call(H.engine_list, job.home.root) == {}
 
 
 def test_engine_stop_helper(engine, job_factory):
@@ -333,7 +316,41 @@ def test_engine_stop_helper(engine, job_factory):
     while "started" not in job.log() and time.time() < deadline:
         time.sleep(0.02)
     t0 = time.time()
-    assert engine.call(C.engine_stop, job.name(), 5) is True
+    assert engine.call(H.engine_stop, job.name(), 5) is True
     assert time.time() - t0 < 3
     ex = job.wait()
     assert ex["exit_code"] == 143 or ex["exit_code"] == 128 + 15, (ex, job.log())
+
+
+def _lease_free(path):
+    fd = os.open(path, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def test_the_lease_lasts_as_long_as_the_container_not_the_engine_client(engine, job_factory):
+    """The engine's client dies (SIGKILL) while its container runs on: the wrapper keeps the
+    lease until the engine says the container is gone (it removes it), never before."""
+    job = job_factory(engine)
+    lease = job.root / "gpu.lock"
+    lease.write_text("")
+    os.chmod(lease, 0o666)
+    job.start("echo started; exec sleep 1000", lease=str(lease))
+    deadline = time.time() + 30
+    while "started" not in job.log() and time.time() < deadline:
+        time.sleep(0.02)
+    assert not _lease_free(str(lease)) and engine.call(H.engine_is_running, job.name()) is True
+    client = json.loads((Path(job.home.job(job.id).dir) / "pid.json").read_text())["pgid"]
+    os.kill(client, signal.SIGKILL)
+    deadline = time.time() + 60
+    while not _lease_free(str(lease)) and time.time() < deadline:
+        time.sleep(0.005)
+    assert _lease_free(str(lease))
+    assert engine.call(H.engine_is_running, job.name()) is False  # gone before the lease was
+    ex = job.wait()
+    assert ex["signal"] == "SIGKILL" and not ex["cancelled"]
