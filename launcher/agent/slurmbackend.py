@@ -16,7 +16,7 @@ import os
 import sys
 import time
 
-from . import db, fsutil, jobstate, slurmjobs, slurmstate
+from . import batch, db, fsutil, groups, jobstate, slurmjobs, slurmstate
 from .protocol import AgentError
 
 POLL_S = 5.0      # `logs -f` asks Slurm at most this often while the job's command runs
@@ -101,14 +101,19 @@ class Slurm:
         was killed mid-way: the login node rebooted), will never run: it is lost."""
         con, home = self.ctx.con, self.ctx.home
         for j in jobs:
+            try:
+                job_id = j["id"]
+            except (KeyError, IndexError):
+                continue  # a folded group's count (status)
             if j["state"] != "queued" or time.time() - j["submitted_at"] < ORPHAN_S or \
-                    slurm_record(home, j["id"]).get("slurm_job_id") or not _lock_free(home, j["id"]):
+                    slurm_record(home, job_id).get("slurm_job_id") or \
+                    not _lock_free(home, _first_of_submit(con, job_id)):
                 continue
             message = "it never reached Slurm: the agent handing it to sbatch stopped first"
             with db.Tx(con):
                 con.execute("UPDATE jobs SET state='lost', ended_at=?, message=? WHERE id=? AND "
-                            "state='queued'", (time.time(), message, j["id"]))
-            jobstate.append_log(home, j["id"], "rtrain: job lost: %s\n" % message)
+                            "state='queued'", (time.time(), message, job_id))
+            jobstate.append_log(home, job_id, "rtrain: job lost: %s\n" % message)
             if isinstance(j, dict):  # a job of status's answer (logs passes its row)
                 j.update(state="lost", message=message)
 
@@ -142,33 +147,51 @@ class Slurm:
             raise AgentError("slurm_home", "%s holds jobs run by Slurm; this host is not `scheduler: "
                              "slurm` in hosts.yaml" % ctx.home_root,
                              "add `scheduler: slurm` to the host, or give it another `home:`")
+        if not ctx.req.get("lookup"):
+            if batch.gpus(ctx.req.get("gpus", 0))[1] > 1:
+                raise AgentError("bad_request", "--gpus %s: a share of a GPU is rtrain's own, on a "
+                                 "tower" % ctx.req.get("gpus"), "on Slurm ask for whole GPUs (a "
+                                 "cluster's GPU shards go in sbatch_args)")
+            if ctx.req.get("after") or ctx.req.get("after_any"):
+                self.refresh()  # what the dependencies did, as Slurm has it now
         res = submit_verb.submit(ctx)
         if not res.get("duplicate"):
-            job_id = res["job"]["id"]
-            slurmhandoff.hand_off(ctx, job_id)
-            res["job"] = ctx.public(db.get(ctx.con, job_id))
+            first = res["job"]["id"]
+            gid = res["job"].get("group")
+            ids = [r["id"] for r in groups.member_rows(ctx.con, gid)] if gid is not None else [first]
+            slurmhandoff.hand_off(ctx, ids)
+            res["job"] = ctx.public(db.get(ctx.con, first))
         return res
 
     def cancel(self, ctx):
         """Mark the job and scancel it (one line of Slurm's if it cannot); wait a little (`wait`,
         3 s) for its end to be seen."""
-        con, home = ctx.con, ctx.home
+        con = ctx.con
+        if ctx.req.get("group") is not None:  # every queued and running job of it, one scancel
+            g = groups.row(con, ctx.req["group"])
+            rows = [r for r in groups.member_rows(con, g["id"]) if r["state"] in ACTIVE]
+            self._cancel([r["id"] for r in rows], float(ctx.req.get("wait", 3.0)))
+            return {"group": groups.summaries(con, ids=[g["id"]])[0],
+                    "cancelled_queued": sum(r["state"] == "queued" for r in rows),
+                    "cancelled_running": sum(r["state"] == "running" for r in rows)}
         row = ctx.job_row(ctx.req.get("id"))
-        job_id, was = row["id"], row["state"]
-        if was not in ACTIVE:
-            return {"job": ctx.public(row), "was": was}
-        why = slurmjobs.cancel(home, [job_id])[job_id]
-        if why == "never submitted to Slurm" and _lock_free(home, job_id):
-            with db.Tx(con):  # no agent hands it on any more: nothing of it runs
-                con.execute("UPDATE jobs SET state='cancelled', ended_at=? WHERE id=? AND state='queued'",
-                            (time.time(), job_id))
-            jobstate.ended(con, home, job_id)
-        deadline = time.time() + float(ctx.req.get("wait", 3.0))
-        while db.get(con, job_id)["state"] in ACTIVE and time.time() < deadline:
-            if slurm_record(home, job_id).get("slurm_job_id"):
-                self.refresh()
+        if row["state"] in ACTIVE:
+            self._cancel([row["id"]], float(ctx.req.get("wait", 3.0)))
+        return {"job": ctx.public(db.get(con, row["id"])), "was": row["state"]}
+
+    def _cancel(self, ids, wait):
+        con, home = self.ctx.con, self.ctx.home
+        why = slurmjobs.cancel(home, ids)
+        for job_id in ids:
+            if why[job_id] == "never submitted to Slurm" and _lock_free(home, _first_of_submit(con, job_id)):
+                with db.Tx(con):  # no agent hands it on any more: nothing of it runs
+                    con.execute("UPDATE jobs SET state='cancelled', ended_at=? WHERE id=? AND "
+                                "state='queued'", (time.time(), job_id))
+                jobstate.ended(con, home, job_id)
+        deadline = time.time() + wait
+        while time.time() < deadline and any(db.get(con, j)["state"] in ACTIVE for j in ids):
+            self.refresh()
             time.sleep(0.3)
-        return {"job": ctx.public(db.get(con, job_id)), "was": was}
 
     def gpus(self, ctx):
         """GRES per node (sinfo, of the host's partition): `slurm_nodes`; no nvidia-smi here."""
@@ -198,6 +221,13 @@ def _column(key, value):
 def _lock_free(home, job_id):
     """True when no agent holds the job's hand-off lock (slurmhandoff.py)."""
     return not fsutil.flock_held(handoff_lock_path(home, job_id))
+
+
+def _first_of_submit(con, job_id):
+    """The job whose hand-off lock covers job_id: the first job of its group, or itself."""
+    r = con.execute("SELECT MIN(id) FROM jobs WHERE grp=(SELECT grp FROM jobs WHERE id=?)",
+                    (job_id,)).fetchone()
+    return r[0] if r and r[0] is not None else job_id
 
 
 def _no_autostop(ctx):

@@ -9,15 +9,16 @@ with that line: Slurm's own reason when sbatch refused it. A lock held while han
 a later look that an agent still works on the job (slurmbackend.revive). Standard library only,
 Python >= 3.8.
 """
+import json
 import os
 import signal
 import time
 
-from . import db, fsutil, jobcontainer, jobproject, runtime, slurmcontainer, slurmjobs, store, workdirs
+from . import db, deps, fsutil, jobcontainer, jobproject, runtime, slurmcontainer, slurmjobs, store, workdirs
 from .jobstate import append_log, ended
 from .prepare import Prep
 from .protocol import AgentError
-from .slurmbackend import handoff_lock_path
+from .slurmbackend import handoff_lock_path, slurm_record
 
 HEARTBEAT_S = 2.0
 # hosts.yaml's settings that become one sbatch option each (slurm.sbatch_argv)
@@ -25,37 +26,48 @@ OPTION_KEYS = ("partition", "account", "qos", "time", "mem", "cpus_per_gpu", "co
                "gpu_option", "gpu_type")
 
 
-def hand_off(ctx, job_id):
-    """Prepare job_id and submit it to Slurm. Raises AgentError (the job failed, saying why)."""
+def hand_off(ctx, job_ids):
+    """Prepare the jobs of one submit and submit them to Slurm: one job, or the jobs of a sweep
+    or an array as ONE array job (task i = job_ids[i], `%N` its group's max_running), with their
+    `--after` / `--after-any` as Slurm dependencies. Raises AgentError when none reached Slurm
+    (the jobs failed, saying why)."""
     home, con = ctx.home, ctx.con
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a dropped connection does not stop the hand-off
-    fd = os.open(handoff_lock_path(home, job_id), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = os.open(handoff_lock_path(home, job_ids[0]), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fsutil.flock_within(fd, 30.0)
-        if not _prepared(ctx, job_id, _Heartbeat(ctx)):
-            row = db.get(con, job_id)
+        prep, say = _Prep(home, con, store.Store(home.store), [], None), _Heartbeat(ctx)
+        ready = [j for j in job_ids if _prepared(ctx, j, say, prep)]
+        rows = [db.get(con, j) for j in ready if not os.path.exists(home.job(j).cancel)]
+        for j in set(ready) - set(r["id"] for r in rows):
+            _end(con, home, j, "cancelled", "cancelled before it reached Slurm")
+        if not rows:
+            row = db.get(con, job_ids[0])
             if row["state"] == "cancelled":
                 return
-            raise AgentError("not_prepared", "job %d %s" % (job_id, row["message"] or row["state"]),
-                             "`rtrain logs %d` has the whole output" % job_id)
-        if os.path.exists(home.job(job_id).cancel):
-            _end(con, home, job_id, "cancelled", "cancelled before it reached Slurm")
-            return
-        row = db.get(con, job_id)
-        job = job_spec(ctx, row)
+            raise AgentError("not_prepared", "job %d %s" % (row["id"], row["message"] or row["state"]),
+                             "`rtrain logs %d` has the whole output" % row["id"])
+        opts = options(ctx.req.get("slurm") or {}, rows[0])
+        opts.update(dependencies(con, home, rows[0]["id"]))
+        if rows[0]["grp"] is not None:
+            g = con.execute("SELECT max_running FROM job_groups WHERE id=?", (rows[0]["grp"],)).fetchone()
+            opts.update(name="rtrain-g%d" % rows[0]["grp"], array_limit=g["max_running"] if g else None)
         try:
-            (sid,) = slurmjobs.submit(home, [job], options(ctx.req.get("slurm") or {}, row))
+            sids = slurmjobs.submit(home, [job_spec(ctx, r) for r in rows], opts)
         except AgentError as e:
             why = "Slurm refused it: %s" % e.message if e.code == "sbatch_refused" else e.message
-            _end(con, home, job_id, "failed", why)
-            raise AgentError(e.code, "job %d: %s" % (job_id, why), e.hint or
+            for r in rows:
+                _end(con, home, r["id"], "failed", why)
+            raise AgentError(e.code, "job %d: %s" % (rows[0]["id"], why), e.hint or
                              "check partition, account, qos, time and sbatch_args of this host in "
                              "hosts.yaml (`rtrain hosts` tries them)")
         with db.Tx(con):
-            con.execute("UPDATE jobs SET message=? WHERE id=? AND state='queued'",
-                        ("Pending (Slurm job %s)" % sid, job_id))
-        if os.path.exists(home.job(job_id).cancel):  # a cancel came while sbatch ran
-            slurmjobs.cancel(home, [job_id])
+            for r, sid in zip(rows, sids):
+                con.execute("UPDATE jobs SET message=? WHERE id=? AND state='queued'",
+                            ("Pending (Slurm job %s)" % sid, r["id"]))
+        late = [r["id"] for r in rows if os.path.exists(home.job(r["id"]).cancel)]
+        if late:  # a cancel came while sbatch ran
+            slurmjobs.cancel(home, late)
     finally:
         os.close(fd)
 
@@ -70,13 +82,36 @@ def options(settings, row):
     return out
 
 
+def dependencies(con, home, job_id):
+    """{"after_ok": [Slurm ids], "after_any": [...]} of a job's `--after` / `--after-any` (the
+    deps table, deps.py): a dependency that has ended as it must is no longer one (Slurm may have
+    forgotten it); one Slurm does not hold yet is refused."""
+    out = {"after_ok": [], "after_any": []}
+    for dep, kind in con.execute("SELECT dep, kind FROM deps WHERE job=? ORDER BY dep", (job_id,)):
+        row = db.get(con, dep)
+        if row["state"] == "succeeded" or (kind == deps.ANY and row["state"] in deps.ENDED):
+            continue
+        if row["state"] in deps.BAD:
+            raise AgentError("dependency_failed", "--after %d: job %d %s already, so this job could "
+                             "never start" % (dep, dep, row["state"]),
+                             "use --after-any to run it after the job whatever its end")
+        sid = slurm_record(home, dep).get("slurm_job_id")
+        if not sid:
+            raise AgentError("dependency_not_in_slurm", "--after %d: job %d is not in Slurm's queue "
+                             "yet" % (dep, dep), "submit again once `rtrain status %d` names its "
+                             "Slurm job" % dep)
+        out["after_ok" if kind == deps.OK else "after_any"].append(sid)
+    return out
+
+
 def job_spec(ctx, row):
     """{"id", "argv", "vars"} (slurmjobs.prepare): what the wrapper runs, as runner.py would run
     it on a tower (runtime.py: activation, the job's variables, its shell), or in a container."""
     home, job_id = ctx.home, row["id"]
     rt = runtime.read(home, job_id)
     job_vars = fsutil.read_json(home.job(job_id).env)
-    assignments = runtime.variables(rt, job_vars if isinstance(job_vars, dict) else {}, [])
+    job_vars = dict(job_vars if isinstance(job_vars, dict) else {}, **json.loads(row["vars"] or "{}"))
+    assignments = runtime.variables(rt, job_vars, [])  # (a sweep point's own variables last)
     container = jobcontainer.read(home, job_id)  # container.json, as submit checked it
     if container:
         project = jobproject.read(home, job_id) or {}
@@ -114,13 +149,12 @@ class _Heartbeat:
             self.gone = True
 
 
-def _prepared(ctx, job_id, say):
+def _prepared(ctx, job_id, say, prep):
     """True once the job's data, work dir and environment are ready (prepare.Prep, as the
     daemon does it, here in the foreground); False when that failed the job (or it was
     cancelled meanwhile)."""
     home, con = ctx.home, ctx.con
-    st = store.Store(home.store)
-    prep = _Prep(home, con, st, [], None)
+    st = prep.store
 
     def workdir_ready(row):
         if workdirs.ready(home, row["id"]):

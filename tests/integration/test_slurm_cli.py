@@ -291,3 +291,52 @@ def test_the_project_file_environment_is_built_on_the_login_node(cli, sshd):
     p.stderr = "".join(x for x in p.stderr.splitlines(True) if not x.startswith("rtrain: building"))
     one_error(p, "job 3 cannot build its environment (venv with pip): the setup failed (exit code 7) (broken)")
     assert json.loads(cli.run("status", "--json").stdout)[0]["state"] == "failed"
+
+
+def test_an_array_is_one_slurm_array_job_with_its_throttle(cli, cluster):
+    group = cli.submit("--array", "0-3%2", "--gpus", "1", "--",
+                       "echo task $RTRAIN_ARRAY_INDEX $SLURM_ARRAY_TASK_ID; sleep 3")
+    assert group.startswith("g")
+    deadline = time.time() + 90
+    while True:
+        jobs = json.loads(cli.run("status", "--json", group).stdout)["jobs"]
+        if all(j["state"] not in ACTIVE for j in jobs) or time.time() > deadline:
+            break
+        time.sleep(0.5)
+    jobs.sort(key=lambda j: int(j["id"]))
+    assert [j["state"] for j in jobs] == ["succeeded"] * 4, jobs
+    sids = [j["slurm"]["job_id"] for j in (cli.job(j["id"]) for j in jobs)]
+    base = sids[0].split("_")[0]
+    assert sids == ["%s_%d" % (base, t) for t in range(4)]  # one Slurm array job, task i = job i
+    assert "ArrayTaskThrottle=2" in cluster.run("scontrol", "show", "job", base).stdout
+    assert [cli.run("logs", j["id"]).stdout for j in jobs] == ["task %d %d\n" % (t, t) for t in range(4)]
+    assert overlap(jobs) == 2  # %2, with 4 GPUs free
+
+
+def test_an_afterok_chain_with_a_failure(cli, cluster):
+    a = cli.submit("--", "sleep 2; exit 1")
+    b = cli.submit("--after", a, "--", "echo b")
+    c = cli.submit("--after", b, "--", "echo c")
+    d = cli.submit("--after-any", a, "--", "echo any")
+    sid_a = cli.job(a)["slurm"]["job_id"]
+    assert "Dependency=afterok:%s" % sid_a in cluster.run(
+        "scontrol", "show", "job", cli.job(b)["slurm"]["job_id"]).stdout
+    got = {x: cli.wait(x) for x in (a, b, c, d)}
+    assert [(got[x]["state"], got[x]["message"]) for x in (a, b, c, d)] == [
+        ("failed", "exit 1"), ("cancelled", "DependencyNeverSatisfied"),
+        ("cancelled", "DependencyNeverSatisfied"), ("succeeded", "")]
+    assert cli.run("logs", d).stdout == "any\n" and cli.run("logs", b).stdout == ""
+    # after a job that failed already: refused at once, in one line
+    p = cli.run("submit", "--after", a, "--", "true", check=False)
+    one_error(p, "--after %s: job %s failed already" % (a, a))
+
+
+def test_cancel_a_group_is_one_scancel(cli, login):
+    group = cli.submit("--array", "3%1", "--", "echo up; sleep 600")
+    first = json.loads(cli.run("status", "--json", group).stdout)["jobs"]
+    cli.wait(min(first, key=lambda j: int(j["id"]))["id"], states=("running",))
+    out = cli.run("cancel", group).stdout
+    assert group in out, out
+    jobs = [cli.wait(j["id"]) for j in first]
+    assert [j["state"] for j in jobs] == ["cancelled"] * 3
+    assert sorted(j["started_at"] is None for j in jobs) == [False, True, True]  # 1 ran, 2 waited

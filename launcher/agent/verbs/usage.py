@@ -4,14 +4,13 @@ fraction, 1/k) times the hours it held them inside the window (until now for a r
 import json
 import time
 
-from .. import jobstate
 from .hello import user_name
 
 
 def usage(ctx):
     """{"user", "since", "now", "projects": [{"project", "jobs", "running", "gpu_hours"}]}."""
     con = ctx.con
-    jobstate.finalize_exited(con, ctx.home)
+    ctx.backend.refresh()  # (rtrain's daemon: exit records; Slurm: one squeue)
     now = time.time()
     since = ctx.req.get("since")
     since = float(since) if since is not None else 0.0
