@@ -1,5 +1,5 @@
-"""Handing one job to Slurm, from the submit verb, once the job is committed (docs/design.md
-"Backends"): its data tree, work dir and environment are built here on the login node, on the
+"""Handing a submit's jobs to Slurm, from the submit verb, once they are committed (docs/design.md
+"Backends"): their data tree, work dirs and environment are built here on the login node, on the
 file system the compute nodes share, by the same code the daemon uses on a tower (prepare.py,
 workdirs.py, builds.py: once per key), then sbatch gets an argv (slurmjobs.submit). While
 something is built the client hears a frame {"building": what} at once and every 2 s, so its
@@ -48,11 +48,11 @@ def hand_off(ctx, job_ids):
             raise AgentError("not_prepared", "job %d %s" % (row["id"], row["message"] or row["state"]),
                              "`rtrain logs %d` has the whole output" % row["id"])
         opts = options(ctx.req.get("slurm") or {}, rows[0])
-        opts.update(dependencies(con, home, rows[0]["id"]))
         if rows[0]["grp"] is not None:
             g = con.execute("SELECT max_running FROM job_groups WHERE id=?", (rows[0]["grp"],)).fetchone()
             opts.update(name="rtrain-g%d" % rows[0]["grp"], array_limit=g["max_running"] if g else None)
         try:
+            opts.update(dependencies(con, home, rows[0]["id"]))
             sids = slurmjobs.submit(home, [job_spec(ctx, r) for r in rows], opts)
         except AgentError as e:
             why = "Slurm refused it: %s" % e.message if e.code == "sbatch_refused" else e.message
