@@ -36,6 +36,10 @@ KEYS = {
     "hosts": "per host: python, venv, conda_env, env, mounts, image, build for that host only",
     "sweep": "variables to sweep: one job per combination, {name} in `run` is its value "
              "(lr: [1e-3, 3e-4], seed: 0..4)",
+    "notify": "a webhook told when the jobs end or stall (over the host's notify:): {url, format: "
+              "json|slack|discord|ntfy, on: [failed, succeeded, stalled]}",
+    "stall_after": "mark a running job whose GPUs stay idle this long (30m; over the host's)",
+    "on_stall": "notify (default) or cancel a stalled job",
 }
 HOST_OVERRIDES = ("python", "venv", "conda_env", "env", "mounts", "image", "build")
 ENV_KEYS = ("setup", "conda", "python", "venv", "conda_env")  # a host environment: not in a container
@@ -68,6 +72,9 @@ class Project:
     build: Optional[str] = None            # a Dockerfile, relative to the root
     container: Tuple[Tuple[str, str], ...] = ()
     hosts: dict = field(default_factory=dict)  # host -> {key: value} of HOST_OVERRIDES
+    notify: Optional[dict] = field(default=None, hash=False)  # checked by agent/notify.py
+    stall_after: Optional[float] = None
+    on_stall: Optional[str] = None
 
     def for_host(self, name):
         """The project with `hosts: NAME:`'s values applied (env and mounts are merged)."""
@@ -199,6 +206,8 @@ def _value(key, v, where):
         return _relpath(where, key, v) if key in ("conda", "build") else v.strip()
     if key in ("image", "container"):
         return _container_value(key, v, where)
+    if key in ("notify", "stall_after", "on_stall"):
+        return _watch_value(key, v, where)
     if key == "shell":
         if v not in ("login", "plain"):
             _bad(where, key, "'login' or 'plain'", v)
@@ -364,3 +373,18 @@ def write_starter(root, force=False):
     with open(path, "w") as f:
         f.write(STARTER)
     return path
+
+
+def _watch_value(key, v, where):
+    """notify, stall_after, on_stall: the agent's own rules (agent/notify.py, autostop.py)."""
+    from .agent import autostop, notify
+    try:
+        if key == "notify":
+            return notify.check(v)
+        if key == "stall_after":
+            return autostop.seconds(v, "stall_after")
+    except ValueError as e:
+        _bad(where, key, "valid (%s)" % e, v)
+    if v not in ("notify", "cancel"):
+        _bad(where, key, "notify or cancel", v)
+    return v

@@ -78,9 +78,7 @@ def submit(session, argv, host=None, gpus=0, name=None, priority=0, retries=0, e
            "env": dict(dict(getattr(h, "env", ()) or ()), **dict(proj.env, **dict(env or {}))),
            "token": uuid.uuid4().hex, "upload": True,
            "settings": client.settings(), "autostop": h.autostop,
-           "notify": dict(h.notify, host=host) if h.notify else None,
-           "stall": None if h.stall_after is None else {
-               "after": h.stall_after, "util_busy": h.gpu_util_busy, "action": h.on_stall}}
+           "notify": _watch(proj, h, host)[0], "stall": _watch(proj, h, host)[1]}
     if data:
         req["manifest"]["data"] = data
     ctr = jobspec.container(proj, code, getattr(h, "container_engine", None))
@@ -122,6 +120,15 @@ def submit(session, argv, host=None, gpus=0, name=None, priority=0, retries=0, e
     job["uploaded"] = manifest.get("_uploaded", 0)
     job["uploaded_files"] = manifest.get("_uploaded_files", 0)
     return job
+
+
+def _watch(proj, h, host):
+    """(notify, stall) of a job: rtrain.yaml's over hosts.yaml's."""
+    notify = proj.notify or h.notify
+    after = proj.stall_after if proj.stall_after is not None else h.stall_after
+    stall = None if after is None else {"after": after, "util_busy": h.gpu_util_busy,
+                                        "action": proj.on_stall or h.on_stall}
+    return (dict(notify, host=host) if notify else None), stall
 
 
 def _recover(session, host, req, err, events, sleep):

@@ -91,3 +91,23 @@ def test_init_writes_a_starter_that_parses(tmp_path):
     assert p.run == ("python3 train.py",) and p.setup == "pip install -r requirements.txt"
     with pytest.raises(RtrainError):
         project.write_starter(str(tmp_path))
+
+
+def test_notify_and_stall_in_the_project_file_win_over_the_hosts(tmp_path):
+    from launcher import config
+    from launcher.submit import _watch
+    p = project.load(write(tmp_path, "notify: {url: 'https://hooks.example/x', format: slack, on: [failed]}\n"
+                                     "stall_after: 20m\non_stall: cancel\n"))
+    assert p.notify["format"] == "slack" and p.stall_after == 1200 and p.on_stall == "cancel"
+    h = config.Host(name="t", kind="ssh", ssh="t", notify={"url": "https://host/y", "format": "json",
+                                                           "on": ["failed"], "host": ""}, stall_after=60)
+    notify, stall = _watch(p, h, "t")
+    assert notify["url"] == "https://hooks.example/x" and notify["host"] == "t"
+    assert stall == {"after": 1200, "util_busy": 5, "action": "cancel"}
+    notify, stall = _watch(project.Project(), h, "t")
+    assert notify["url"] == "https://host/y" and stall["after"] == 60 and stall["action"] == "notify"
+    for bad, needle in (("notify: {url: 'ftp://x'}\n", "'notify' must be valid"),
+                        ("stall_after: soon\n", "'stall_after' must be valid"),
+                        ("on_stall: kill\n", "'on_stall' must be notify or cancel")):
+        with pytest.raises(ConfigError, match=needle):
+            project.load(write(tmp_path, bad))
