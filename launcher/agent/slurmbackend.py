@@ -154,6 +154,8 @@ class Slurm:
                                  "cluster's GPU shards go in sbatch_args)")
             if ctx.req.get("after") or ctx.req.get("after_any"):
                 self.refresh()  # what the dependencies did, as Slurm has it now
+            # stall_after (rtrain.yaml's) watches a job's GPUs with nvidia-smi: not from here
+            ctx.req["stall"] = None
         res = submit_verb.submit(ctx)
         if not res.get("duplicate"):
             first = res["job"]["id"]
