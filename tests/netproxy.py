@@ -20,15 +20,16 @@ class FreezingProxy:
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self):
-        while not self.closed:
-            try:
-                c, _ = self.lsock.accept()
-            except OSError:
-                return
-            s = socket.create_connection(("127.0.0.1", self.target))
-            frozen = threading.Event()
-            self.conns.append((c, s, frozen))
-            threading.Thread(target=self._pump, args=(c, s, frozen), daemon=True).start()
+        """Each client connection gets one to the target and a pump of its own; the listening
+        socket's close ends the loop."""
+        try:
+            while not self.closed:
+                c = self.lsock.accept()[0]
+                entry = (c, socket.create_connection(("127.0.0.1", self.target)), threading.Event())
+                self.conns.append(entry)
+                threading.Thread(target=self._pump, args=entry, daemon=True).start()
+        except OSError:
+            return
 
     def _pump(self, a, b, frozen):
         peer = {a: b, b: a}

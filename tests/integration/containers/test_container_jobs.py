@@ -323,14 +323,8 @@ def test_engine_stop_helper(engine, job_factory):
 
 
 def _lease_free(path):
-    fd = os.open(path, os.O_RDWR)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
+    from launcher.agent import fsutil
+    return not fsutil.flock_held(path)
 
 
 def test_the_lease_lasts_as_long_as_the_container_not_the_engine_client(engine, job_factory):
