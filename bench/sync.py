@@ -173,7 +173,22 @@ class Bench:
         dt, out = timed([sys.executable, "-m", "launcher", "--hosts", str(hosts), "submit", "-q", "-y",
                          "--", "true"], env=env, cwd=src)
         assert out.strip().isdigit(), out
+        self.settle(world, out.strip())
         return dt
+
+    def settle(self, world, job_id, limit_s=120):
+        """Wait (untimed) until the job has ended: the host's daemon builds each job's private
+        copies of the tree after the submit returns, and that work must not run during the next
+        measurement (a user edits between two submits; rsync leaves no such work behind)."""
+        hosts, env = world
+        deadline = time.monotonic() + limit_s
+        while time.monotonic() < deadline:
+            _, out = timed([sys.executable, "-m", "launcher", "--hosts", str(hosts), "status", "--json",
+                            job_id], env=env, cwd=str(self.work))
+            if json.loads(out)["state"] not in ("queued", "running"):
+                return
+            time.sleep(0.2)
+        raise SystemExit("job %s did not end within %d s" % (job_id, limit_s))
 
     # a shared connection for rsync and tar (the `_mux` figures)
     def start_master(self):

@@ -119,7 +119,8 @@ def load(explicit=None, env=None, cwd=None):
     path = find_hosts_file(explicit, env, cwd)
     if path is None:
         return Config(path=None, default="local", hosts={"local": LOCAL})
-    return parse(path)
+    from .parsecache import cached
+    return cached(path, parse)
 
 
 def _loader():

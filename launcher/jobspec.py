@@ -44,6 +44,8 @@ def split(manifest, project):
     output or a mount is not sent (the host has it)."""
     data_paths = project.data
     apart = tuple(project.outputs) + tuple(p for p, _ in project.mounts)
+    if not data_paths and not apart:  # most trees: all of it is code
+        return list(manifest["entries"]), []
     code, data = [], []
     for e in manifest["entries"]:
         if _under(e["path"], data_paths):

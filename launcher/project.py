@@ -117,7 +117,8 @@ def load(root):
     root = os.path.abspath(root)
     if path is None:
         return Project(root=root, project=_default_name(root))
-    return parse(path, root)
+    from .parsecache import cached
+    return cached(path, parse, root)
 
 
 def _default_name(root):

@@ -145,15 +145,17 @@ def _rtrainignore_filter(root, paths):
 def _select_git(root, warnings, stats=None):
     out = _git(root, "ls-files", "-z", "--cached", "--others", "--exclude-standard")
     paths = set()
+    prefix = root.rstrip("/") + "/"
+    lstat, fsdecode = os.lstat, os.fsdecode
     for raw in out.split(b"\0"):
         if not raw:
             continue
-        rel = os.fsdecode(raw)
+        rel = fsdecode(raw)
         if rel.endswith("/"):
             warnings.append("skipped %s: a nested git repository (not tracked here)" % rel)
             continue
         try:
-            st = os.lstat(os.path.join(root, rel))
+            st = lstat(prefix + rel)
         except (FileNotFoundError, NotADirectoryError):
             continue  # tracked but deleted in the work tree
         if stat.S_ISDIR(st.st_mode):

@@ -1,6 +1,7 @@
 """`rtrain submit`: snapshot the tree, send what the host lacks, queue the job, in one agent
 call (docs/contracts.md "One-call submit"); and, with several hosts and none named, placing the
 job where it starts soonest."""
+import json
 import os
 import shlex
 import time
@@ -72,15 +73,19 @@ def submit(session, argv, host=None, gpus=0, name=None, priority=0, retries=0, e
     # One agent call does it all (docs/contracts.md, verb submit with "upload"): the agent
     # answers with the hashes it lacks, we send those blobs on the same channel, and it queues
     # the job only once its snapshot is complete and we are still there to hear of it.
-    req = {"manifest": {"entries": code, "git": manifest.get("git")},
+    # the manifest as a delta on the one this host kept from the last submit of this tree,
+    # where there is one (bases.py)
+    from . import bases
+    token = uuid.uuid4().hex
+    base_key = bases.key(host, h, root)
+    sent, records = bases.manifest_request(bases.load(base_key), code, data, manifest.get("git"))
+    req = {"manifest": sent,
            "command": command, "gpus": gpus, "name": name, "priority": int(priority),
            "retries": int(retries),
            "env": dict(dict(getattr(h, "env", ()) or ()), **dict(proj.env, **dict(env or {}))),
-           "token": uuid.uuid4().hex, "upload": True,
+           "token": token, "upload": True,
            "settings": client.settings(), "autostop": h.autostop,
            "notify": _watch(proj, h, host)[0], "stall": _watch(proj, h, host)[1]}
-    if data:
-        req["manifest"]["data"] = data
     ctr = jobspec.container(proj, code, getattr(h, "container_engine", None))
     if ctr is not None:
         req["container"] = ctr
@@ -100,6 +105,9 @@ def submit(session, argv, host=None, gpus=0, name=None, priority=0, retries=0, e
     def respond(frame):
         if "building" in frame:  # a Slurm host builds what the job needs before sbatch
             events("building", frame["building"])
+        if frame.get("need_manifest"):  # the base is gone there: the whole manifest, one line
+            whole = {"entries": code, "data": data}
+            return [json.dumps(whole, separators=(",", ":")).encode("ascii") + b"\n"]
         if "missing" not in frame:
             return ()
         return _upload(root, manifest, frame["missing"] or [], progress, events)
@@ -112,6 +120,8 @@ def submit(session, argv, host=None, gpus=0, name=None, priority=0, retries=0, e
             # it cannot have queued the job: the error, with its "run the command again", stands
             raise
         res = _recover(session, host, req, e, events, sleep)
+    if res.get("base") == token:  # the host keeps this manifest for the next submit's delta
+        bases.keep(base_key, token, records)
     job = session.decorate(host, res["job"])
     if many:
         job["points"] = len(many["points"])

@@ -5,6 +5,7 @@ import errno
 import hashlib
 import os
 import stat
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from .agent.manifest import escaping_links, target_inside
@@ -15,9 +16,10 @@ from .selection import GitStatus, in_git_work_tree, select
 _CHUNK = 1 << 20
 
 
-def _hash_file(path, expect=None):
+def _hash_file(path, expect=None, want_data=False):
     """sha256 hex of a file's bytes (never through a symlink; with `expect`, an lstat, only
-    if the file opened is that very file). Tests count calls to this."""
+    if the file opened is that very file). With want_data, (hash, the bytes), read in one go.
+    Tests count calls to this."""
     h = hashlib.sha256()
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
     with os.fdopen(fd, "rb") as f:
@@ -25,6 +27,10 @@ def _hash_file(path, expect=None):
             st = os.fstat(fd)
             if (st.st_dev, st.st_ino) != (expect.st_dev, expect.st_ino) or not stat.S_ISREG(st.st_mode):
                 raise OSError(errno.ESTALE, "it was replaced while it was read")
+        if want_data:
+            data = f.read()
+            h.update(data)
+            return h.hexdigest(), data
         while True:
             buf = f.read(_CHUNK)
             if not buf:
@@ -51,15 +57,43 @@ def _symlink_entry(root, real_root, rel, full, warnings):
     return {"path": rel, "type": "symlink", "target": target}
 
 
-def _hash_stable(full, rel, st):
-    """(sha256, lstat) of a file that did not change while it was read."""
+class Kept(object):
+    """The bytes of small files, as read to hash them, so the upload sends those very bytes
+    without reading the files again (a first sync reads each once): up to LIMIT bytes in all,
+    files up to FILE_MAX each (docs/design.md "Snapshots")."""
+    LIMIT = 256 << 20
+    FILE_MAX = 1 << 20
+
+    def __init__(self):
+        self.data = {}
+        self.size = 0
+        self.lock = threading.Lock()
+
+    def wants(self, st):
+        return st.st_size <= self.FILE_MAX and self.size + st.st_size <= self.LIMIT
+
+    def put(self, h, data):
+        with self.lock:
+            if h not in self.data and self.size + len(data) <= self.LIMIT:
+                self.data[h] = data
+                self.size += len(data)
+
+
+def _hash_stable(full, rel, st, kept=None):
+    """(sha256, lstat) of a file that did not change while it was read; its bytes go to kept
+    where it wants them."""
     for _ in range(3):
+        want = kept is not None and kept.wants(st)
         try:
-            h = _hash_file(full, st)
+            h = _hash_file(full, st, want_data=True) if want else _hash_file(full, st)
             st2 = os.lstat(full)
         except OSError as e:  # replaced by a folder, its folder by a file, gone...
             raise _changed(rel, e)
+        if want:
+            h, data = h
         if _same(st, st2):
+            if want and len(data) == st.st_size:
+                kept.put(h, data)
             return h, st
         if not stat.S_ISREG(st2.st_mode):
             raise _changed(rel, OSError(errno.ESTALE, "it is no longer a file"))
@@ -75,6 +109,10 @@ def _changed(rel, e):
 def _real_dirs(root, rel, seen, warnings):
     """True if every folder on the way to rel is a real folder (never a symlink to one: the
     client never reads through one, docs/design.md "Snapshots"), each looked at once."""
+    folder = rel.rpartition("/")[0]
+    ok = seen.get(folder)  # most files share their folder with the one before
+    if ok is not None:
+        return ok
     parts = rel.split("/")
     cur = ""
     for p in parts[:-1]:
@@ -98,16 +136,16 @@ def _real_dirs(root, rel, seen, warnings):
 _HASH_THREADS_BYTES = 64 << 20  # bytes to hash before a few threads share the work
 
 
-def _hash_all(todo):
+def _hash_all(todo, kept=None):
     """[(sha256, lstat)] for todo's (i, full, rel, lstat), in order. Threads (hashlib and
     reads release the GIL) only where there are many bytes: for small files the work is
     Python's own, and threads would only fight over the GIL."""
     n = min(4, os.cpu_count() or 1)
     if n < 2 or sum(t[3].st_size for t in todo) < _HASH_THREADS_BYTES:
-        return [_hash_stable(full, rel, st) for _, full, rel, st in todo]
+        return [_hash_stable(full, rel, st, kept) for _, full, rel, st in todo]
     order = sorted(range(len(todo)), key=lambda i: -todo[i][3].st_size)  # largest first
     with ThreadPoolExecutor(max_workers=n) as ex:
-        done = dict(zip(order, ex.map(lambda i: _hash_stable(*todo[i][1:]), order)))
+        done = dict(zip(order, ex.map(lambda i: _hash_stable(*(todo[i][1:] + (kept,))), order)))
     return [done[i] for i in range(len(todo))]
 
 
@@ -127,11 +165,13 @@ def build_manifest(root, cache_path=None, extra=()):
         total = 0
         seen = set()
         todo = []  # (index in entries, full path, rel, lstat) of files the cache cannot answer
+        kept = Kept()
         dirs = {}  # folder -> a real folder (not a symlink)
         try:
             cache.load(root)
+            prefix = root.rstrip("/") + "/"
             for rel in paths:
-                full = os.path.join(root, rel)
+                full = prefix + rel
                 if "/" in rel and not _real_dirs(root, rel, dirs, warnings):
                     continue
                 st = stats.get(rel)
@@ -157,7 +197,7 @@ def build_manifest(root, cache_path=None, extra=()):
                 entries.append({"path": rel, "type": "file", "hash": h, "size": st.st_size,
                                 "exec": bool(st.st_mode & 0o111)})
             if todo:
-                done = _hash_all(todo)
+                done = _hash_all(todo, kept)
                 for (i, full, _rel, _st), (h, st) in zip(todo, done):
                     e = entries[i]
                     e["hash"], e["size"], e["exec"] = h, st.st_size, bool(st.st_mode & 0o111)
@@ -172,7 +212,8 @@ def build_manifest(root, cache_path=None, extra=()):
     finally:
         if status is not None:
             status.cancel()
-    return {"entries": entries, "git": git, "warnings": warnings, "total_size": total}
+    return {"entries": entries, "git": git, "warnings": warnings, "total_size": total,
+            "_kept": kept.data}
 
 
 def _drop_escaping_links(entries, warnings):
@@ -200,7 +241,8 @@ def largest_files(manifest, n=10):
 
 def iter_blob_frames(root, manifest, hashes, chunk=_CHUNK):
     """Yield the blob stream (docs/contracts.md) for the wanted hashes, each once, then END.
-    Raises SyncError if a file no longer matches its hash: a wrong blob is never completed
+    A blob whose bytes build_manifest kept (Kept: read to hash it) is sent from those bytes.
+    Otherwise raises SyncError if a file no longer matches its hash: a wrong blob is never completed
     (a file that fits in one chunk is checked before its frame starts; a larger one fails
     before its last bytes are sent, so the host sees a truncated frame and keeps nothing)."""
     root = os.path.abspath(root)
@@ -208,6 +250,7 @@ def iter_blob_frames(root, manifest, hashes, chunk=_CHUNK):
     for e in manifest["entries"]:
         if e.get("type", "file") == "file":
             by_hash.setdefault(e["hash"], e)
+    kept = manifest.get("_kept") or {}
     sent = set()
     for h in hashes:
         if h in sent:
@@ -216,6 +259,10 @@ def iter_blob_frames(root, manifest, hashes, chunk=_CHUNK):
         e = by_hash.get(h)
         if e is None:
             raise SyncError("the host asked for blob %s, which is not in this snapshot" % h)
+        data = kept.pop(h, None)  # the bytes hashed, read once (Kept)
+        if data is not None:
+            yield ("%s %d\n" % (h, len(data))).encode("ascii") + data
+            continue
         for part in _frame(root, e, chunk):
             yield part
     yield b"END\n"

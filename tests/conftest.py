@@ -38,6 +38,8 @@ class World:
             "PYTHONPATH": str(REPO),
             "FAKE_NVIDIA_SMI_STATE": str(self.state_path),
             "HOME": os.environ.get("HOME", "/root"),
+            # the client's hash cache and manifest records (bases.py): this world's own
+            "XDG_CACHE_HOME": str(self.root / ("cache-" + self.name)),
         })
         env.update(extra)
         return env

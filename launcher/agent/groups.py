@@ -8,7 +8,7 @@ of its jobs may run at once (the scheduler holds the others: gates.py). Here: th
 """
 import time
 
-from . import db, jobstate, runner
+from . import db
 from .protocol import AgentError
 
 ACTIVE = ("queued", "running")
@@ -78,6 +78,7 @@ def member_rows(con, gid):
 def cancel(ctx, gid):
     """Cancel every queued and running job of a group: queued ones at once (one transaction),
     running ones as `cancel` does, waiting up to `wait` seconds for them all together."""
+    from . import jobstate, runner  # here: a submit imports this module, and needs neither
     g = row(ctx.con, gid)
     con = ctx.con
     now = time.time()

@@ -210,11 +210,19 @@ def try_acquire(lock_dir, uuid, share=1):
 
 
 def is_held(lock_dir, uuid):
-    lease = try_acquire(lock_dir, uuid)
-    if lease is None:
+    """True while someone holds uuid's lease (its socket, a slot of it shared, or its lease file
+    locked): looked at, never taken. Taking it to see, even for a moment, showed this user as
+    its holder to every other user's daemon counting holders at that moment (two daemons woken
+    by the same freed GPU did), and fair share then gave the GPU to the wrong user
+    (docs/design.md "Fair share between users")."""
+    if not lock_dir:
         return True
-    lease.release()
-    return False
+    try:
+        ensure_dir(lock_dir)
+    except LockDirError:
+        return True  # no lease can be had there (try_acquire)
+    info = holders(lock_dir, [uuid]).get(uuid)
+    return info is not None and info["how"] is not None
 
 
 # ------------------------------------------------------------------ who holds what

@@ -148,3 +148,38 @@ def check_entries(entries):
         raise ManifestError("bad symlink %r: through other symlinks of the tree it leads outside "
                             "it (or loops)" % (bad[0],))
     return total
+
+
+def check_changes(lists, changed):
+    """Validate a manifest made of one that passed check_entries (a base, agent/bases.py) and
+    the entries `changed` set on it, looking at those only (and the symlinks): the rules of
+    check_entries. lists: the result's lists (code, data), each a {path: entry} with its paths
+    sorted (a tuple (by_path, sorted_paths)); changed: [(index of its list, entry)]. Returns
+    the total size of the files of the first list. Raises ManifestError."""
+    import bisect
+    for i, e in changed:
+        parts, _kind = check_entry(e)
+        path = e["path"]
+        for k, (by_path, paths) in enumerate(lists):
+            if k != i and path in by_path:
+                raise ManifestError("bad manifest: %r appears twice (or is also a directory)" % (path,))
+            for n in range(1, len(parts)):
+                parent = "/".join(parts[:n])
+                if parent in by_path:
+                    raise ManifestError("bad manifest: %r would go through the file or symlink %r" % (
+                        path, parent))
+            under = path + "/"
+            j = bisect.bisect_left(paths, under)
+            if j < len(paths) and paths[j].startswith(under):
+                raise ManifestError("bad manifest: %r appears twice (or is also a directory)" % (path,))
+    links = [e for by_path, _ in lists for e in by_path.values() if e.get("type") == "symlink"]
+    bad = escaping_links(links)
+    if bad:
+        raise ManifestError("bad symlink %r: through other symlinks of the tree it leads outside "
+                            "it (or loops)" % (bad[0],))
+    total = 0
+    for e in lists[0][0].values():
+        size = e.get("size")
+        if e.get("type", "file") == "file" and isinstance(size, int) and size > 0:
+            total += size
+    return total

@@ -12,8 +12,6 @@ import fcntl
 import json
 import os
 import time
-import urllib.error
-import urllib.request
 
 from . import fsutil
 
@@ -154,6 +152,7 @@ def _sender_running(home):
 
 
 def _post(url, data, headers, timeout=TIMEOUT_S):
+    import urllib.request  # here: the sender needs it, a submit's check of `notify:` does not
     req = urllib.request.Request(url, data=data, headers=headers, method="POST")
     with urllib.request.urlopen(req, timeout=timeout) as r:
         return r.status
@@ -162,6 +161,7 @@ def _post(url, data, headers, timeout=TIMEOUT_S):
 def deliver(home, post=_post, sleep=time.sleep, now=time.time, say=None):
     """The sender's loop: send what is queued, oldest first, until the queue is empty. Returns
     the number sent. A failing URL is said once (say, default: print to notify.log)."""
+    import urllib.error
     lock = os.open(_lock_path(home), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -76,7 +76,11 @@ class Placer(object):
                     self.got(row)
                     return [lease], None
             n = 1
-        free = [u for u in usable if u["state"] == "free" and u["uuid"] not in taken]
+        # only GPUs no lease holds now: fair share vets these, and no other is tried below (one
+        # whose lease goes between this look and the acquire, a job of ours just ending, waits
+        # for the next pass, where fair share sees it free)
+        free = [u for u in usable if u["state"] == "free" and u["uuid"] not in taken
+                and not leases.is_held(lock_dir, u["uuid"])]
         why = self._fair(lock_dir, units, [u["uuid"] for u in free], n)
         if why:
             return None, why

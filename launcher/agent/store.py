@@ -20,7 +20,7 @@ import os
 import re
 import time
 
-from . import db
+from . import bases, db
 from .manifest import check_hash
 from .packs import _O_CLOEXEC, PackWriter, StoreError, create_tmp, flush, take, write_all
 
@@ -39,6 +39,7 @@ class Store(object):
         self.root = os.path.abspath(root)
         self._seq = 0
         self._con = None
+        self._bases_dropped = False
         if not os.path.isdir(self.root):
             os.makedirs(self.root, mode=0o700, exist_ok=True)
             os.chmod(self.root, 0o700)
@@ -132,6 +133,9 @@ class Store(object):
         their index rows (that row only: a good copy indexed since stays) and damaged loose
         files. The next submit that needs them sends them again."""
         import sqlite3
+        if bad:
+            self._bases_dropped = False
+            self._drop_bases()
         for h, _path, _why, where in bad:
             if where is None:
                 try:
@@ -146,6 +150,13 @@ class Store(object):
                                 (h, where[0], where[1]))
             except sqlite3.Error as e:
                 raise self._db_error(e)
+
+    def _drop_bases(self):
+        """Before a blob goes: no manifest base may name a blob the store lacks (bases.py).
+        Once per gc (its first deletion); forget clears again each time."""
+        if not self._bases_dropped:
+            bases.clear(self.root)
+            self._bases_dropped = True
 
     def receive(self, fileobj):
         """Read blob frames (see docs/contracts.md) from a binary file object until END.
@@ -263,6 +274,7 @@ class Store(object):
         keep = set(keep_hashes)
         count = nbytes = 0
         now = time.time()
+        self._bases_dropped = False  # once per gc, before its first deletion
         if dry_run:
             return self._garbage(keep)
         for name in os.listdir(self.root):
@@ -281,6 +293,7 @@ class Store(object):
                 h = name + rest
                 if h in keep or not _HEX.match(h):
                     continue
+                self._drop_bases()
                 p = os.path.join(full, rest)
                 try:
                     size = os.lstat(p).st_size
@@ -327,6 +340,7 @@ class Store(object):
             drop = [r for r in rows if r[0] not in keep]
             if not drop:
                 continue
+            self._drop_bases()
             kept = [r for r in rows if r[0] in keep]
             writer = None
             if kept:  # write the kept blobs to a new pack, then swap the index rows over

@@ -121,7 +121,8 @@ class Sshd:
         # `local` is always a host too: keep its state out of this machine's ~/.rtrain
         env.update({"RTRAIN_KNOWN_HOSTS": str(known_hosts or self.known_hosts),
                     "RTRAIN_SSH_CONFIG": str(self.ssh_config), "PYTHONPATH": str(REPO),
-                    "RTRAIN_HOME": str(self.root / "local-home"), "SSH_AUTH_SOCK": ""})
+                    "RTRAIN_HOME": str(self.root / "local-home"), "SSH_AUTH_SOCK": "",
+                    "XDG_CACHE_HOME": str(self.root / "client-cache")})
         env.update(extra)
         return env
 

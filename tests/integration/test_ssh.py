@@ -111,6 +111,52 @@ def test_editing_after_submit_over_ssh(sshd, tower):
     assert rt(sshd, hosts, "logs", job, cwd=src).stdout == "one\n"
 
 
+def test_a_resubmit_sends_what_changed_and_a_lost_base_costs_nothing_but_a_frame(sshd, tower):
+    """docs/design.md "Manifest bases": the second submit of a tree goes as a delta on the
+    manifest the host kept; where the host lost it (a prune), the agent asks for the whole
+    manifest on the same call. Each job sees exactly its own tree."""
+    import pwd
+    hosts, src = tower
+    for i in range(30):
+        (src / ("a%02d.txt" % i)).write_text("a%d\n" % i)
+    job = rt(sshd, hosts, "submit", "-q", "--", "cat", "a00.txt", "a29.txt", cwd=src).stdout.strip()
+    assert wait(sshd, hosts, job, src)["state"] == "succeeded"
+    assert rt(sshd, hosts, "logs", job, cwd=src).stdout == "a0\na29\n"
+    home = [ln.split(":", 1)[1].strip() for ln in hosts.read_text().splitlines() if "home:" in ln][0]
+    kept = os.path.join(pwd.getpwnam(ALICE).pw_dir, home[2:], "store", "bases")
+    records = os.path.join(sshd.env()["XDG_CACHE_HOME"], "rtrain", "bases")
+
+    from launcher import bases, config
+    name = bases.key("tower", config.parse(str(hosts)).get("tower"), str(src)) + ".rec"
+
+    def record_token():
+        with open(os.path.join(records, name), "rb") as f:
+            return f.readline().split()[-1].decode()
+
+    first = record_token()
+    assert os.listdir(kept) == [first + ".json"]
+
+    # one file changed, one gone, one new: the job has exactly that tree
+    (src / "a00.txt").write_text("changed\n")
+    (src / "a29.txt").unlink()
+    (src / "b.txt").write_text("new\n")
+    cmd = "cat a00.txt b.txt; test -e a29.txt || echo gone; ls | wc -l"
+    job = rt(sshd, hosts, "submit", "-q", "--", cmd, cwd=src).stdout.strip()
+    assert wait(sshd, hosts, job, src)["state"] == "succeeded"
+    assert rt(sshd, hosts, "logs", job, cwd=src).stdout == "changed\nnew\ngone\n30\n"
+    second = record_token()
+    assert second != first and sorted(os.listdir(kept)) == sorted([first + ".json", second + ".json"])
+
+    # the host lost its bases: the next submit still carries its whole tree
+    for n in os.listdir(kept):
+        os.unlink(os.path.join(kept, n))
+    (src / "a01.txt").write_text("again\n")
+    job = rt(sshd, hosts, "submit", "-q", "--", "cat a00.txt a01.txt; ls | wc -l", cwd=src).stdout.strip()
+    assert wait(sshd, hosts, job, src)["state"] == "succeeded"
+    assert rt(sshd, hosts, "logs", job, cwd=src).stdout == "changed\nagain\n30\n"
+    assert os.listdir(kept) == [record_token() + ".json"]
+
+
 def test_two_unix_users_share_a_tower(sshd, tmp_path):
     import fakesmi
     fakesmi.write_state(sshd.bin_dir / "nvidia-smi-state.json", gpus=4)

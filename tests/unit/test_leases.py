@@ -302,3 +302,29 @@ def test_no_lock_dir_means_nothing_leasable(tmp_path):
     assert leases.waiter_path(None, "/home/a/.rtrain") is None
     assert leases.open_waiter(None) is None
     leases.wake_waiters(None)
+
+
+def test_is_held_looks_and_never_takes(tmp_path):
+    """is_held must not show its caller as the holder to anyone counting holders at that moment
+    (fair share counted a daemon's probe as a GPU it held), nor answer "held" because another
+    daemon was probing the same GPU."""
+    d = str(tmp_path / "locks")
+    leases.ensure_dir(d)
+    probe = leases._bind(leases.admin_name(d, "GPU-a"))  # another daemon checking GPU-a now
+    assert probe is not None
+    try:
+        assert leases.is_held(d, "GPU-a") is False
+    finally:
+        os.close(probe)
+    orig_try = leases.try_acquire
+    leases.try_acquire = lambda *a, **k: pytest.fail("is_held took the lease to look")
+    try:
+        assert leases.is_held(d, "GPU-a") is False
+    finally:
+        leases.try_acquire = orig_try
+    lease = leases.try_acquire(d, "GPU-a")
+    try:
+        assert leases.is_held(d, "GPU-a") is True and leases.is_held(d, "GPU-b") is False
+    finally:
+        lease.release()
+    assert leases.is_held(d, "GPU-a") is False

@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from launcher.agent import db, deps, gates, paths, verbs
+from launcher.agent import db, deps, gates, paths
+from launcher.agent.verbs import submit as submit_verb, usage as usage_verb
 from launcher.agent.protocol import AgentError
 from launcher.agent.verbs.context import Context
 
@@ -61,7 +62,7 @@ def _submit(req, blobs=b""):
     ctx = Context(req, os.fdopen(r, "rb"), io.StringIO(), ["agent"])
     ctx.poke = lambda: None
     try:
-        return ctx, verbs.submit.submit(ctx)
+        return ctx, submit_verb.submit(ctx)
     finally:
         os.close(w)
 
@@ -193,7 +194,7 @@ def test_usage_counts_gpu_hours_in_the_window_and_shares_by_their_fraction(tmp_p
         con.execute("UPDATE jobs SET gpus=?, started_at=?, ended_at=? WHERE id=?",
                     (json.dumps(gpus), start, end, j))
     ctx = Context({"home": home.root, "since": now - 86400}, io.BytesIO(), io.StringIO(), ["agent"])
-    res = verbs.usage.usage(ctx)
+    res = usage_verb.usage(ctx)
     (a,) = res["projects"]
     assert a["project"] == "a" and a["jobs"] == 2 and a["running"] == 1
     assert abs(a["gpu_hours"] - (2.0 + 0.5)) < 0.01

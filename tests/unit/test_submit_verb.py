@@ -7,7 +7,8 @@ import os
 
 import pytest
 
-from launcher.agent import db, paths, store, verbs
+from launcher.agent import db, paths, store
+from launcher.agent.verbs import submit as submit_verb
 from launcher.agent.verbs.context import Context
 from launcher.agent.protocol import AgentError
 
@@ -28,7 +29,7 @@ def _submit(req, client_stays):
     ctx = Context(req, os.fdopen(r, "rb"), io.StringIO(), ["agent"])
     ctx.poke = lambda: None
     try:
-        return ctx, verbs.submit.submit(ctx)
+        return ctx, submit_verb.submit(ctx)
     finally:
         if client_stays:
             os.close(w)

@@ -191,9 +191,9 @@ def counted(monkeypatch):
     reads = []
     real = sync._hash_file
 
-    def spy(path, expect=None):
+    def spy(path, expect=None, **kw):
         reads.append(os.path.basename(path))
-        return real(path, expect)
+        return real(path, expect, **kw)
     monkeypatch.setattr(sync, "_hash_file", spy)
     return reads
 
@@ -340,6 +340,12 @@ def test_stream_refuses_a_file_changed_since_hashing(tmp_path):
     hashes = {e["path"]: e["hash"] for e in m["entries"]}
 
     write(root, "small.txt", "changed!")  # same size
+    # the bytes read to hash it were kept: those are sent, the snapshot as it was hashed
+    assert m["_kept"][hashes["small.txt"]] == b"original"
+    assert b"".join(sync.iter_blob_frames(str(root), dict(m), [hashes["small.txt"]])) == (
+        "%s 8\n" % hashes["small.txt"]).encode() + b"original" + b"END\n"
+    # not kept (over Kept's limits, or hashed by an earlier submit): read again, and refused
+    m["_kept"] = {}
     with pytest.raises(sync.SyncError, match="small.txt changed since it was hashed"):
         list(sync.iter_blob_frames(str(root), m, [hashes["small.txt"]]))
 

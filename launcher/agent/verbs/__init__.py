@@ -1,8 +1,10 @@
 """The agent's verbs, one module each (docs/contracts.md): VERBS maps a verb's name to its
-function, which takes a Context (context.py) and returns the reply's result."""
+function, which takes a Context (context.py) and returns the reply's result. A verb's module is
+imported when the verb is called, not before: an agent process runs one verb, and the others'
+imports (urllib for notify, the daemon's) would only add to its start-up (docs/design.md
+"Stdlib agent")."""
+import importlib
 import sys
-
-from . import files, gpus, hello, logs, prune, shell, status, submit, usage, watch
 
 
 def daemon(ctx):
@@ -19,21 +21,30 @@ def notify_sender(ctx):
     sys.exit(0)
 
 
-VERBS = {
-    "hello": hello.hello, "gpus": gpus.gpus_verb, "submit": submit.submit, "status": status.status,
-    "cancel": status.cancel, "logs": logs.logs, "outputs": files.outputs, "read": files.read,
-    "daemon": daemon, "prune": prune.prune, "notify": notify_sender, "autostop": watch.autostop_verb,
-    "monitor": watch.monitor_verb, "shell": shell.shell, "usage": usage.usage,
+# verb -> (module of this package, function); None: defined above
+_WHERE = {
+    "hello": ("hello", "hello"), "gpus": ("gpus", "gpus_verb"), "submit": ("submit", "submit"),
+    "status": ("status", "status"), "cancel": ("status", "cancel"), "logs": ("logs", "logs"),
+    "outputs": ("files", "outputs"), "read": ("files", "read"), "daemon": (None, "daemon"),
+    "prune": ("prune", "prune"), "notify": (None, "notify_sender"), "autostop": ("watch", "autostop_verb"),
+    "monitor": ("watch", "monitor_verb"), "shell": ("shell", "shell"), "usage": ("usage", "usage"),
 }
 
 
-def _by_backend(name, fn):
+def _function(name):
+    module, attr = _WHERE[name]
+    if module is None:
+        return globals()[attr]
+    return getattr(importlib.import_module("." + module, __name__), attr)
+
+
+def _by_backend(name):
     """The verb as the backend of its request runs it (backends.py: Slurm has its own submit,
     cancel, gpus and hello)."""
     def verb(ctx):
-        return ctx.backend.verb(name, fn)(ctx)
-    verb.__doc__ = fn.__doc__
+        return ctx.backend.verb(name, _function(name))(ctx)
+    verb.__name__ = name
     return verb
 
 
-VERBS = {name: _by_backend(name, fn) for name, fn in VERBS.items()}
+VERBS = {name: _by_backend(name) for name in _WHERE}

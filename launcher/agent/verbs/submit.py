@@ -12,8 +12,9 @@ import re
 import shutil
 import uuid as uuidlib
 
-from .. import autostop, batch, db, fsutil, gclock, gpus, inventory, jobcontainer, jobproject, notify, paths, store
-from ..manifest import ManifestError, check_entries
+from .. import (autostop, bases, batch, db, fsutil, gclock, gpus, inventory, jobcontainer, jobproject, notify,
+               paths, store)
+from ..manifest import ManifestError, check_changes, check_entries
 from ..protocol import AgentError
 from ..settings import env_problem
 from . import watch
@@ -36,9 +37,8 @@ def submit(ctx):
     home = ctx.home
     claim = _claim(home, token)  # until this process is done: a lookup says "still working"
     try:
-        entries, size = _receive_snapshot(ctx)
-        # data (shared read-only per content, not copied per job) and the project file's part
-        data = (req.get("manifest") or {}).get("data") or []
+        # data: shared read-only per content, not copied per job
+        entries, data, size = _receive_snapshot(ctx)
         project = jobproject.check(req.get("project"), data)
         container = jobcontainer.check(req.get("container"))  # runs in a container (jobcontainer.py)
         _check_room(home, size * plan.count, len(entries) * plan.count)
@@ -55,12 +55,14 @@ def submit(ctx):
         job_id = _commit(ctx, spec, token, tmp, plan)
     finally:
         _unclaim(claim)
+    # the next submit of this tree may send only what changed (bases.py)
+    base = token if bases.save(ctx.home.store, token, home.job(job_id).manifest) else None
     try:
         ctx.poke()
     except OSError:
         pass  # the job is queued; the next call that finds no daemon starts one
     watch.push_autostop(ctx)
-    return {"job": ctx.public(db.get(ctx.con, job_id)), "duplicate": False}
+    return {"job": ctx.public(db.get(ctx.con, job_id)), "duplicate": False, "base": base}
 
 
 def _lookup(ctx, token):
@@ -176,22 +178,28 @@ def _check_stall(cfg):
 
 
 def _receive_snapshot(ctx):
-    """(entries, total size) of a manifest whose every blob is in the store. With "upload" the
-    client stays on the line: if blobs are missing, one frame {"missing": [...]} asks for them
-    and the client answers with the blob stream on the same stdin. It keeps stdin open until
-    the reply, so a client that went away (connection cut) shows as EOF there."""
+    """(entries, data entries, the entries' total size) of a manifest whose every blob is in
+    the store. With "upload" the client stays on the line: if blobs are missing, one frame
+    {"missing": [...]} asks for them and the client answers with the blob stream on the same
+    stdin. It keeps stdin open until the reply, so a client that went away (connection cut)
+    shows as EOF there."""
     req = ctx.req
-    entries = (req.get("manifest") or {}).get("entries") or []
-    data = (req.get("manifest") or {}).get("data") or []
     st = store.Store(ctx.home.store)
     upload = bool(req.get("upload"))
+    entries, data, known, made = _manifest(ctx, st, upload)
     try:
-        if not isinstance(data, list):
-            raise ManifestError("the manifest's data must be a list of entries")
-        size = check_entries(entries)
-        check_entries(entries + data)  # data paths apart from the code's
+        if not isinstance(entries, list) or not isinstance(data, list):
+            raise ManifestError("the manifest's entries and data must be lists of entries")
+        if made is not None:  # a base (checked when it came) and the entries set on it
+            size = check_changes(made["lists"], made["changed"])
+        elif data:  # data paths apart from the code's: one check of both
+            check_entries(entries + data)
+            size = sum(e["size"] for e in entries if e.get("type", "file") == "file"
+                       and isinstance(e.get("size"), int) and e["size"] > 0)
+        else:
+            size = check_entries(entries)
         lacking = st.missing(sorted({e["hash"] for e in entries + data
-                                     if e.get("type", "file") == "file"}))
+                                     if e.get("type", "file") == "file"} - known))
     except (ManifestError, store.StoreError) as e:
         raise AgentError("bad_manifest", str(e))
     if lacking and upload:
@@ -204,7 +212,38 @@ def _receive_snapshot(ctx):
     if lacking:
         raise AgentError("missing_blobs", "%d file(s) of the snapshot are not on the host" % len(lacking),
                          "", data=lacking)
-    return entries, size
+    return entries, data, size
+
+
+def _manifest(ctx, st, upload):
+    """(entries, data, hashes known to be in the store, what bases.apply made or None) of the
+    request's manifest: given whole, or as a delta on a base this host kept (bases.py). Where
+    the base is gone (pruned, trimmed) or does not fit, one frame {"need_manifest": true} asks
+    the client, still on the line, for the whole manifest, which it sends as one JSON line."""
+    m = ctx.req.get("manifest") or {}
+    if m.get("base") is None:
+        return m.get("entries") or [], m.get("data") or [], frozenset(), None
+    base = bases.load(st.root, m["base"])
+    try:
+        made = bases.apply(base, m.get("delta")) if base is not None else None
+    except bases.DeltaError as e:
+        raise AgentError("bad_manifest", str(e))
+    if made is not None:
+        known = {e.get("hash") for e in base["entries"] + base["data"]}
+        return bases.entries(made, 0), bases.entries(made, 1), known, made
+    if not upload:
+        raise AgentError("bad_manifest", "this host no longer has the manifest the delta is on",
+                         "submit again")
+    ctx.emit({"need_manifest": True})
+    line = ctx.stdin.readline()
+    try:
+        whole = json.loads(line.decode("utf-8"))
+    except ValueError:
+        whole = None
+    if not isinstance(whole, dict):
+        raise AgentError("bad_stream", "the client did not send the whole manifest it was asked for",
+                         "run the command again")
+    return whole.get("entries") or [], whole.get("data") or [], frozenset(), None
 
 
 def _job_folder(home, entries, env, data=(), project=None, notify_cfg=None, stall=None):
