@@ -20,7 +20,9 @@ tar are also timed over a shared connection of their own (ControlMaster), for co
       Also shown: the same submit with a 10-file tree, and OpenSSH's `ssh host true`.
 
 Every rtrain figure is the wall time of a whole `rtrain submit -q -y -- true` process, from start
-to the job being queued (it returns once the job is in the host's queue). Medians over --runs.
+to the job being queued (it returns once the job is in the host's queue). The job is then waited
+for, untimed: the daemon building its private copies must not run during the next measurement.
+Medians over --runs.
 The host side runs as a user of its own, rtrain-bench (created if missing): the integration
 tests' teardown kills every process of their test users, which would cut these runs short.
 Usage: python3 bench/sync.py [--files 10000] [--runs 3] [--keep] [--baseline CHECKOUT]
