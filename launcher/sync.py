@@ -83,16 +83,16 @@ def _hash_stable(full, rel, st, kept=None):
     """(sha256, lstat) of a file that did not change while it was read; its bytes go to kept
     where it wants them."""
     for _ in range(3):
-        want = kept is not None and kept.wants(st)
         try:
-            h = _hash_file(full, st, want_data=True) if want else _hash_file(full, st)
+            if kept is not None and kept.wants(st):
+                h, data = _hash_file(full, st, want_data=True)
+            else:
+                h, data = _hash_file(full, st), None
             st2 = os.lstat(full)
         except OSError as e:  # replaced by a folder, its folder by a file, gone...
             raise _changed(rel, e)
-        if want:
-            h, data = h
         if _same(st, st2):
-            if want and len(data) == st.st_size:
+            if data is not None and len(data) == st.st_size:
                 kept.put(h, data)
             return h, st
         if not stat.S_ISREG(st2.st_mode):

@@ -4,6 +4,9 @@ import json
 import os
 import signal
 import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -149,3 +152,26 @@ def store_blobs(root):
     out.update(h for (h,) in con.execute("SELECT hash FROM packed"))
     con.close()
     return sorted(out)
+
+
+def rtrain(sshd, hosts, *args, cwd, env=None, check=True, timeout=120):
+    """Run this checkout's rtrain CLI in cwd with `--hosts hosts` (none when hosts is None), as
+    the sshd fixture's client (env: sshd.env() unless given). With check, a failure raises with
+    its exit code and output."""
+    argv = [sys.executable, "-m", "launcher"] + (["--hosts", str(hosts)] if hosts else [])
+    p = subprocess.run(argv + [str(a) for a in args], cwd=str(cwd), env=env or sshd.env(),
+                       capture_output=True, text=True, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError("rtrain %s -> %d\n%s\n%s" % (args, p.returncode, p.stdout, p.stderr))
+    return p
+
+
+def wait_ended(sshd, hosts, job, cwd, env=None, timeout=120):
+    """The job (`status --json`) once it is neither queued nor running; raises after timeout."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        j = json.loads(rtrain(sshd, hosts, "status", "--json", job, cwd=cwd, env=env).stdout)
+        if j["state"] not in ("queued", "running"):
+            return j
+        time.sleep(0.2)
+    raise AssertionError("job %s did not end" % job)

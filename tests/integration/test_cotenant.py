@@ -8,7 +8,6 @@ import os
 import pwd
 import shutil
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -17,26 +16,10 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from support import ALICE, BOB, need, one_error
+from support import rtrain as rt
+from support import wait_ended as wait
 
 PY = "/usr/bin/python3"
-
-
-def rt(sshd, hosts, *args, cwd, env=None, check=True, timeout=120):
-    p = subprocess.run([sys.executable, "-m", "launcher", "--hosts", str(hosts)] + [str(a) for a in args],
-                       cwd=str(cwd), env=env or sshd.env(), capture_output=True, text=True, timeout=timeout)
-    if check and p.returncode != 0:
-        raise AssertionError("rtrain %s -> %d\n%s\n%s" % (args, p.returncode, p.stdout, p.stderr))
-    return p
-
-
-def wait(sshd, hosts, job, cwd, env=None, timeout=120):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        j = json.loads(rt(sshd, hosts, "status", "--json", job, cwd=cwd, env=env).stdout)
-        if j["state"] not in ("queued", "running"):
-            return j
-        time.sleep(0.2)
-    raise AssertionError("job %s did not end" % job)
 
 
 def as_user(user, code, *args, background=False):

@@ -18,20 +18,12 @@ import pytest
 
 import fakesmi
 from support import ALICE, REPO, fill_disk, need, one_error, stop_agent
+from support import rtrain as rt
 
 TERMINAL = ("succeeded", "failed", "cancelled", "lost")
 
 
 # ------------------------------------------------------------------ helpers
-
-def rt(sshd, hosts, *args, cwd, env=None, check=True, timeout=90):
-    argv = [sys.executable, "-m", "launcher"] + (["--hosts", str(hosts)] if hosts else [])
-    p = subprocess.run(argv + [str(a) for a in args], cwd=str(cwd), env=env or sshd.env(),
-                       capture_output=True, text=True, timeout=timeout)
-    if check and p.returncode != 0:
-        raise AssertionError("rtrain %s -> %d\n%s\n%s" % (args, p.returncode, p.stdout, p.stderr))
-    return p
-
 
 def jobs(sshd, hosts, cwd):
     return json.loads(rt(sshd, hosts, "status", "--json", "--all", "--host", "tower", cwd=cwd).stdout)

@@ -12,25 +12,9 @@ import pytest
 
 from netproxy import FreezingProxy
 from support import ALICE, BOB, NOPY, closed_port, need, one_error
+from support import rtrain as rt
+from support import wait_ended as wait
 
-
-
-def rt(sshd, hosts, *args, cwd, env=None, check=True, timeout=90):
-    p = subprocess.run([sys.executable, "-m", "launcher", "--hosts", str(hosts)] + [str(a) for a in args],
-                       cwd=str(cwd), env=env or sshd.env(), capture_output=True, text=True, timeout=timeout)
-    if check and p.returncode != 0:
-        raise AssertionError("rtrain %s -> %d\n%s\n%s" % (args, p.returncode, p.stdout, p.stderr))
-    return p
-
-
-def wait(sshd, hosts, job, cwd, env=None, timeout=60):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        j = json.loads(rt(sshd, hosts, "status", "--json", job, cwd=cwd, env=env).stdout)
-        if j["state"] not in ("queued", "running"):
-            return j
-        time.sleep(0.2)
-    raise AssertionError("job %s did not end" % job)
 
 
 @pytest.fixture

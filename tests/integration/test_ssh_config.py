@@ -5,20 +5,12 @@ shorter chain can replace, HostKeyAlias, and known_hosts files with @cert-author
 import os
 import shutil
 import subprocess
-import sys
 import uuid
 
 import pytest
 
 from support import ALICE, BOB, one_error, need
-
-
-def rt(sshd, hosts, *args, cwd, env, check=True, timeout=120):
-    p = subprocess.run([sys.executable, "-m", "launcher", "--hosts", str(hosts)] + [str(a) for a in args],
-                       cwd=str(cwd), env=env, capture_output=True, text=True, timeout=timeout)
-    if check and p.returncode != 0:
-        raise AssertionError("rtrain %s -> %d\n%s\n%s" % (args, p.returncode, p.stdout, p.stderr))
-    return p
+from support import rtrain as rt
 
 
 def key_of(path):

@@ -9,7 +9,9 @@ import os
 
 import pytest
 
+from doubles import StubClient, StubSession
 from launcher import bases as client_bases
+from launcher import submit
 from launcher.agent import bases, paths, store
 from launcher.agent.manifest import ManifestError, check_changes, check_entries
 from launcher.agent.protocol import AgentError
@@ -242,3 +244,59 @@ def test_only_the_newest_bases_are_kept(tmp_path):
     kept = sorted(os.listdir(bases.directory(root)))
     assert kept == sorted("%032x.json" % i for i in range(3, bases.KEEP + 3))
     assert not bases.save(root, "../escape", src) and bases.load(root, "../escape") is None
+
+
+# ---------------------------------------------------------------------------- submit's wiring
+
+class _Agent(StubClient):
+    """The agent's side of submit, from memory: keeps each manifest as a base when `keep`,
+    asks for the whole manifest once when `lost`."""
+
+    def __init__(self):
+        self.requests, self.keep, self.lost, self.answers = [], True, False, []
+        self.n = 0
+
+    def exchange(self, verb, req, respond):
+        assert verb == "submit"
+        self.requests.append(req)
+        if self.lost:
+            self.answers.append(b"".join(respond({"need_manifest": True})))
+        self.n += 1
+        return {"job": {"id": self.n, "state": "queued"}, "duplicate": False,
+                "base": req["token"] if self.keep else None}
+
+
+def test_submit_sends_a_delta_on_the_base_the_host_said_it_kept(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(6):
+        (src / ("f%d.py" % i)).write_text("print(%d)\n" % i)
+    agent = _Agent()
+    s = StubSession(agent, hosts=("local",), default="local")
+    run = lambda: submit.submit(s, ["true"], root=str(src), sleep=lambda t: None)  # noqa: E731
+
+    run()
+    first = agent.requests[-1]
+    assert "base" not in first["manifest"] and len(first["manifest"]["entries"]) == 6
+
+    (src / "f0.py").write_text("print('changed')\n")
+    run()
+    second = agent.requests[-1]["manifest"]
+    assert second["base"] == first["token"] and "entries" not in second
+    assert [e["path"] for e in second["delta"]["entries"]["set"]] == ["f0.py"]
+    assert second["delta"]["entries"]["count"] == 6
+
+    # a reply that keeps no base leaves the record as it was: the next delta is on the last kept
+    agent.keep = False
+    (src / "f1.py").write_text("print('changed too')\n")
+    run()
+    assert agent.requests[-1]["manifest"]["base"] == agent.requests[-2]["token"]
+    agent.keep = True
+
+    # the host lost its base: the whole manifest goes on the same call, as one JSON line
+    agent.lost = True
+    run()
+    whole = json.loads(agent.answers[-1])
+    assert agent.answers[-1].endswith(b"\n") and sorted(whole) == ["data", "entries"]
+    assert [e["path"] for e in whole["entries"]] == ["f%d.py" % i for i in range(6)]
